@@ -1,0 +1,1 @@
+"""Checkpoint conversion: PyTorch / Hugging Face / GGUF checkpoints into ltu-jax models and back."""

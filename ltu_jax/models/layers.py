@@ -1,0 +1,192 @@
+"""Building blocks shared by every model: annotated layers, stacked (scanned) layers, attention.
+
+Every parameter carries logical axis names ("embed", "mlp", "heads", "vocab", "layers", ...) in its
+`out_sharding` metadata; `ltu_jax.sharding` maps them onto a device mesh with one rules table. Sharding
+is applied by the caller (jit out_shardings), never eagerly, so building a model needs no mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+Dtype = Any
+
+
+def axes(*names: str | None) -> dict[str, Any]:
+  """Variable metadata naming the logical axes of a parameter, one name per dimension."""
+  return {"out_sharding": tuple(names), "eager_sharding": False}
+
+
+def linear(
+  in_features: int,
+  out_features: int,
+  in_axis: str | None,
+  out_axis: str | None,
+  *,
+  bias: bool,
+  dtype: Dtype,
+  param_dtype: Dtype,
+  rngs: nnx.Rngs,
+) -> nnx.Linear:
+  """`nnx.Linear` with logical axes on its kernel `[in, out]` and bias `[out]`."""
+  return nnx.Linear(
+    in_features,
+    out_features,
+    use_bias=bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=nnx.initializers.normal(0.02),
+    kernel_metadata=axes(in_axis, out_axis),
+    bias_metadata=axes(out_axis),
+    rngs=rngs,
+  )
+
+
+def layer_norm(
+  dim: int, *, eps: float, affine: bool = True, param_dtype: Dtype, rngs: nnx.Rngs
+) -> nnx.LayerNorm:
+  """LayerNorm computed in float32 (as Whisper and TLTR do), cast back by the caller's next op."""
+  return nnx.LayerNorm(
+    dim,
+    epsilon=eps,
+    use_bias=affine,
+    use_scale=affine,
+    use_fast_variance=False,
+    dtype=jnp.float32,
+    param_dtype=param_dtype,
+    scale_metadata=axes("norm"),
+    bias_metadata=axes("norm"),
+    rngs=rngs,
+  )
+
+
+def stack(num_layers: int, make_layer: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+  """Builds `num_layers` copies of a layer as one module whose parameters have a leading "layers" axis."""
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs: nnx.Rngs) -> nnx.Module:
+    return make_layer(rngs)
+
+  return make(rngs)
+
+
+def scan(
+  layers: nnx.Module,
+  body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
+  carry: Any,
+  xs: Any = None,
+  *,
+  remat: bool = False,
+) -> tuple[Any, Any]:
+  """Runs `body(layer, carry, x) -> (carry, y)` over stacked layers with `jax.lax.scan`.
+
+  One traced layer serves all of them, so compile time does not grow with depth. `xs` and the
+  stacked outputs `ys` carry a leading layer axis (per-layer KV caches, per-layer hidden states).
+  """
+  graphdef, state = nnx.split(layers)
+
+  def step(carry, scanned):
+    layer_state, x = scanned
+    return body(nnx.merge(graphdef, layer_state), carry, x)
+
+  if remat:
+    step = jax.checkpoint(step, prevent_cse=False)
+  return jax.lax.scan(step, carry, (state, xs))
+
+
+def attention(
+  query: jax.Array,
+  key: jax.Array,
+  value: jax.Array,
+  mask: jax.Array | None = None,
+) -> jax.Array:
+  """Scaled dot-product attention, softmax in float32; grouped-query when key heads < query heads.
+
+  Args:
+    query: `[batch, q_len, heads, head_dim]`.
+    key, value: `[batch, kv_len, kv_heads, head_dim]`.
+    mask: boolean, broadcastable to `[batch, heads, q_len, kv_len]`; True attends.
+  Returns:
+    `[batch, q_len, heads * head_dim]`.
+  """
+  out = jax.nn.dot_product_attention(query, key, value, mask=mask)
+  return out.reshape(*out.shape[:2], -1)
+
+
+def causal_mask(q_positions: jax.Array, kv_positions: jax.Array, kv_valid: jax.Array | None) -> jax.Array:
+  """Boolean mask `[batch, 1, q_len, kv_len]`: a query sees keys at positions at or before its own.
+
+  Args:
+    q_positions: `[batch, q_len]` positions of the queries in the sequence.
+    kv_positions: `[batch, kv_len]` positions of the keys (a KV cache's slots).
+    kv_valid: `[batch, kv_len]` True where a key is a real token (not padding, not an empty cache slot).
+  """
+  mask = kv_positions[:, None, :] <= q_positions[:, :, None]
+  if kv_valid is not None:
+    mask = mask & kv_valid[:, None, :]
+  return mask[:, None]
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  """`[batch, len, heads * head_dim]` → `[batch, len, heads, head_dim]`."""
+  return x.reshape(*x.shape[:-1], num_heads, -1)
+
+
+def sequence_positions(attention_mask: jax.Array) -> jax.Array:
+  """Positions that skip padding: `[batch, len]` mask → `[batch, len]` positions (0 at the first real token).
+
+  With left padding the first real token still gets position 0, so padded and unpadded rows of a batch
+  see the same rotary phases.
+  """
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+@struct.dataclass
+class KVCache:
+  """Keys and values of every layer for incremental decoding; slot i holds the i-th token fed in.
+
+  key, value: `[layers, batch, max_len, kv_heads, head_dim]`.
+  valid: `[batch, max_len]`, True where a slot holds a real (non-padding) token.
+  index: `[]` int32, the next slot to write; all rows of a batch advance together.
+  """
+
+  key: jax.Array
+  value: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def zeros(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype: Dtype) -> "KVCache":
+    shape = (num_layers, batch, max_len, kv_heads, head_dim)
+    return cls(
+      key=jnp.zeros(shape, dtype),
+      value=jnp.zeros(shape, dtype),
+      valid=jnp.zeros((batch, max_len), bool),
+      index=jnp.zeros((), jnp.int32),
+    )
+
+  @property
+  def max_len(self) -> int:
+    return self.key.shape[2]
+
+  def advance(self, attention_mask: jax.Array) -> tuple["KVCache", jax.Array, jax.Array]:
+    """Marks `attention_mask` `[batch, new]` as the next slots.
+
+    Returns the cache with `valid`/`index` advanced (keys and values are written per layer by
+    `write`), the slots of the new tokens `[batch, new]` and of all keys `[batch, max_len]`.
+    """
+    batch, new = attention_mask.shape
+    valid = jax.lax.dynamic_update_slice(self.valid, attention_mask.astype(bool), (0, self.index))
+    q_slots = jnp.broadcast_to(self.index + jnp.arange(new), (batch, new))
+    kv_slots = jnp.broadcast_to(jnp.arange(self.max_len), (batch, self.max_len))
+    return self.replace(valid=valid, index=self.index + new), q_slots, kv_slots
+
+
+def write(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+  """Writes `new` `[batch, new_len, ...]` into one layer's cache `[batch, max_len, ...]` at slot `index`."""
+  return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, index) + (0,) * (cache.ndim - 2))
