@@ -96,6 +96,7 @@ def load(
   filled: dict[str, np.ndarray] = {}
   unexpected: list[str] = []
   misshaped: list[str] = []
+  reported: set[tuple[str, int | None]] = set()  # mis-shaped targets, not to be listed again as missing
 
   for key, array in tensors:
     matched = False
@@ -108,14 +109,17 @@ def load(
         continue
       var = flat[rule.target]
       shape, dtype = var.shape, var.dtype
-      value = rule.transform(np.asarray(array))
+      array = np.asarray(array)
+      value = rule.transform(array)
+      got = f"{tuple(array.shape)}" + (f" (as {tuple(value.shape)})" if value.shape != array.shape else "")
       if rule.layered:
         layer = int(m["layer"])
         if layer >= shape[0]:
           unexpected.append(f"{key} (the model has {shape[0]} layers)")
           continue
         if value.shape != shape[1:]:
-          misshaped.append(f"{key}: {tuple(value.shape)}, expected {tuple(shape[1:])} for {rule.target}")
+          misshaped.append(f"{key}: {got}, expected {tuple(shape[1:])} for {rule.target}")
+          reported.add((rule.target, layer))
           continue
         if rule.target not in out:
           out[rule.target] = np.empty(shape, dtype)
@@ -124,7 +128,8 @@ def load(
         filled[rule.target][layer] = True
       else:
         if value.shape != shape:
-          misshaped.append(f"{key}: {tuple(value.shape)}, expected {tuple(shape)} for {rule.target}")
+          misshaped.append(f"{key}: {got}, expected {tuple(shape)} for {rule.target}")
+          reported.add((rule.target, None))
           continue
         out[rule.target] = value.astype(dtype)
         filled[rule.target] = np.ones((), bool)
@@ -135,7 +140,12 @@ def load(
   for path, var in flat.items():
     if keep(path) or (path in filled and filled[path].all()):
       continue
-    layers_done = filled.get(path, np.zeros(var.shape[:1], bool))
+    if (path, None) in reported:
+      continue
+    layers_done = filled.get(path, np.zeros(var.shape[:1], bool)).copy()
+    for target, layer in reported:
+      if target == path and layer is not None:
+        layers_done[layer] = True
     missing.extend(_expected_sources(rules, path, layers_done))
   if strict and (missing or unexpected or misshaped):
     raise CheckpointMismatch(source, missing, unexpected, misshaped)

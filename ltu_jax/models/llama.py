@@ -1,0 +1,254 @@
+"""The LLaMA family: LLaMA-1 (Vicuna), LLaMA-2/3 and SmolLM2 share this one code path.
+
+Grouped-query attention, rotary position embeddings (theta and scaling from the config, Hugging Face's
+rotate-half layout), RMSNorm, SiLU-gated MLP, tied or untied output layer, LoRA on any projection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ltu_jax.models import layers
+from ltu_jax.models.layers import KVCache
+from ltu_jax.models.lora import Linear, LoRAConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency scaling: "linear" (position interpolation) or "llama3" (LLaMA 3.1 by-band)."""
+
+  kind: str
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.kind not in ("linear", "llama3"):
+      raise ValueError(f"rope scaling type {self.kind!r} is not supported; expected 'linear' or 'llama3'")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int | None = None  # hidden_size // num_heads when None
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  lora: LoRAConfig | None = None
+  dtype: str = "float32"  # compute
+  param_dtype: str = "float32"  # storage
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+
+def rope_frequencies(config: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies `[head_dim // 2]` of the rotary embedding, scaled as the config says."""
+  dim = config.head_size
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  scaling = config.rope_scaling
+  if scaling is None:
+    return inv_freq
+  if scaling.kind == "linear":
+    return inv_freq / scaling.factor
+  # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+  old_len = scaling.original_max_position_embeddings
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > old_len / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
+  smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = (wavelen >= old_len / scaling.high_freq_factor) & (wavelen <= old_len / scaling.low_freq_factor)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates `[batch, len, heads, head_dim]` by `positions` `[batch, len]` (rotate-half layout)."""
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, len, head_dim // 2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+def projection(
+  config: LlamaConfig, name: str, n_in: int, n_out: int, in_axis: str, out_axis: str, rngs: nnx.Rngs
+) -> Linear:
+  """A bias-free projection, with a LoRA adapter when the config's LoRA targets `name`."""
+  lora = config.lora if config.lora is not None and name in config.lora.targets else None
+  return Linear(
+    n_in, n_out, in_axis, out_axis, bias=False, lora=lora,
+    dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs,
+  )
+
+
+class Attention(nnx.Module):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    d, hd = config.hidden_size, config.head_size
+    self.q_proj = projection(config, "q_proj", d, config.num_heads * hd, "embed", "q_heads", rngs)
+    self.k_proj = projection(config, "k_proj", d, config.num_kv_heads * hd, "embed", "kv_heads", rngs)
+    self.v_proj = projection(config, "v_proj", d, config.num_kv_heads * hd, "embed", "kv_heads", rngs)
+    self.o_proj = projection(config, "o_proj", config.num_heads * hd, d, "q_heads", "embed", rngs)
+
+  def __call__(self, x, positions, mask, kv, index, dropout_key):
+    """x `[batch, len, embed]`; kv: this layer's cached (key, value) or None; returns (out, (key, value))."""
+    cfg = self.config
+    keys = [None] * 4 if dropout_key is None else list(jax.random.split(dropout_key, 4))
+    inv_freq = rope_frequencies(cfg)
+    q = apply_rope(layers.split_heads(self.q_proj(x, keys[0]), cfg.num_heads), positions, inv_freq)
+    k = apply_rope(layers.split_heads(self.k_proj(x, keys[1]), cfg.num_kv_heads), positions, inv_freq)
+    v = layers.split_heads(self.v_proj(x, keys[2]), cfg.num_kv_heads)
+    if kv is not None:
+      k, v = layers.write(kv[0], k, index), layers.write(kv[1], v, index)
+    out = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    return self.o_proj(out, keys[3]), (k, v)
+
+
+class MLP(nnx.Module):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    d, f = config.hidden_size, config.intermediate_size
+    self.gate_proj = projection(config, "gate_proj", d, f, "embed", "mlp", rngs)
+    self.up_proj = projection(config, "up_proj", d, f, "embed", "mlp", rngs)
+    self.down_proj = projection(config, "down_proj", f, d, "mlp", "embed", rngs)
+
+  def __call__(self, x, dropout_key):
+    keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
+    return self.down_proj(jax.nn.silu(self.gate_proj(x, keys[0])) * self.up_proj(x, keys[1]), keys[2])
+
+
+def rms_norm(config: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
+  return nnx.RMSNorm(
+    config.hidden_size, epsilon=config.rms_norm_eps, use_fast_variance=False, dtype=jnp.float32,
+    param_dtype=config.param_dtype, scale_metadata=layers.axes("norm"), rngs=rngs,
+  )
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.dtype = config.dtype
+    self.input_layernorm = rms_norm(config, rngs)
+    self.self_attn = Attention(config, rngs=rngs)
+    self.post_attention_layernorm = rms_norm(config, rngs)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, positions, mask, kv, index, dropout_key):
+    keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    attn, kv = self.self_attn(self.input_layernorm(x).astype(self.dtype), positions, mask, kv, index, keys[0])
+    x = x + attn
+    x = x + self.mlp(self.post_attention_layernorm(x).astype(self.dtype), keys[1])
+    return x, kv
+
+
+class Llama(nnx.Module):
+  """A LLaMA-family causal LM.
+
+  `__call__` takes token ids or embeddings; `hidden` and `logits` are its two halves, so a caller
+  (the LTU-AS composite) can put audio embeddings before the text and take logits on text only.
+  """
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed_tokens = nnx.Embed(
+      config.vocab_size, config.hidden_size, dtype=config.dtype, param_dtype=config.param_dtype,
+      embedding_init=nnx.initializers.normal(0.02), embedding_metadata=layers.axes("vocab", "embed"), rngs=rngs,
+    )
+    self.layers = layers.stack(config.num_layers, lambda r: DecoderLayer(config, rngs=r), rngs)
+    self.norm = rms_norm(config, rngs)
+    if not config.tie_word_embeddings:
+      self.lm_head = layers.linear(
+        config.hidden_size, config.vocab_size, "embed", "vocab", bias=False,
+        dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs,
+      )
+
+  def init_cache(self, batch: int, max_len: int) -> KVCache:
+    cfg = self.config
+    return KVCache.zeros(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_size, cfg.dtype)
+
+  def hidden(
+    self,
+    embeds: jax.Array,
+    attention_mask: jax.Array,
+    positions: jax.Array,
+    cache: KVCache | None = None,
+    dropout_key: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
+    """Runs the decoder layers and the final norm.
+
+    Args:
+      embeds: `[batch, len, embed]` input embeddings.
+      attention_mask: `[batch, len]`, 1 for real tokens, 0 for padding.
+      positions: `[batch, len]` rotary positions.
+      cache: keys and values of earlier tokens; the new tokens are appended to it.
+      dropout_key: enables LoRA dropout (training).
+    Returns:
+      (`[batch, len, embed]` normalised hidden states, the updated cache or None).
+    """
+    cfg = self.config
+    if cache is None:
+      slots = jnp.broadcast_to(jnp.arange(embeds.shape[1]), attention_mask.shape)
+      mask = layers.causal_mask(slots, slots, attention_mask.astype(bool))
+      kv, index = None, None
+    else:
+      cache, q_slots, kv_slots = cache.advance(attention_mask)
+      mask = layers.causal_mask(q_slots, kv_slots, cache.valid)
+      kv, index = (cache.key, cache.value), cache.index - embeds.shape[1]
+    dropout_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
+
+    def body(layer, x, scanned):
+      layer_kv, layer_key = scanned
+      x, new_kv = layer(x, positions, mask, layer_kv, index, layer_key)
+      return x, new_kv if cache is not None else None
+
+    x, new_kv = layers.scan(
+      self.layers, body, embeds.astype(cfg.dtype), (kv, dropout_keys), remat=cfg.remat
+    )
+    if cache is not None:
+      cache = cache.replace(key=new_kv[0], value=new_kv[1])
+    return self.norm(x).astype(cfg.dtype), cache
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """`[batch, len, embed]` → float32 `[batch, len, vocab]`."""
+    if self.config.tie_word_embeddings:
+      return self.embed_tokens.attend(hidden).astype(jnp.float32)
+    return self.lm_head(hidden).astype(jnp.float32)
+
+  def __call__(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
+    """Logits `[batch, len, vocab]` for token ids `[batch, len]`.
+
+    Positions default to the count of real tokens before each one (correct for left or right padding);
+    with a cache they continue from the tokens already in it.
+    """
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if positions is None:
+      past = 0 if cache is None else jnp.sum(cache.valid, axis=-1, keepdims=True)
+      positions = past + layers.sequence_positions(attention_mask)
+    hidden, cache = self.hidden(self.embed_tokens(input_ids), attention_mask, positions, cache)
+    return self.logits(hidden), cache
