@@ -51,13 +51,16 @@ def config_from_hf(hf: Any, lora: LoRAConfig | None = None, **overrides: Any) ->
   )
 
 
-def llama_rules(config: LlamaConfig, prefix: str = "") -> tuple[Rule, ...]:
+def llama_rules(config: LlamaConfig, prefix: str = "", lora_prefix: str | None = None) -> tuple[Rule, ...]:
   """Rules for a `LlamaForCausalLM` state dict whose keys start with `prefix` (peft: "base_model.model.").
 
+  Adapters are looked up under `lora_prefix` (default `prefix`): LTU-AS keeps them in its release
+  file while the base weights come from a Hugging Face folder.
   LoRA adapters use peft's names (`q_proj.lora_A.weight`, `[rank, in]`); peft's
   `base_layer.` segment and adapter name `.default.` are removed by `normalize_peft_key` first.
   """
   layer = f"{prefix}model.layers.{{layer}}."
+  lora_layer = f"{prefix if lora_prefix is None else lora_prefix}model.layers.{{layer}}."
   table = [
     Rule(f"{prefix}model.embed_tokens.weight", "embed_tokens.embedding"),
     Rule(f"{prefix}model.norm.weight", "norm.scale"),
@@ -69,8 +72,8 @@ def llama_rules(config: LlamaConfig, prefix: str = "") -> tuple[Rule, ...]:
     for name in names:
       table.append(Rule(f"{layer}{block}.{name}.weight", f"layers.{block}.{name}.base.kernel", transpose))
       if config.lora is not None and name in config.lora.targets:
-        table.append(Rule(f"{layer}{block}.{name}.lora_A.weight", f"layers.{block}.{name}.lora_a", transpose))
-        table.append(Rule(f"{layer}{block}.{name}.lora_B.weight", f"layers.{block}.{name}.lora_b", transpose))
+        table.append(Rule(f"{lora_layer}{block}.{name}.lora_A.weight", f"layers.{block}.{name}.lora_a", transpose))
+        table.append(Rule(f"{lora_layer}{block}.{name}.lora_B.weight", f"layers.{block}.{name}.lora_b", transpose))
   return tuple(table)
 
 

@@ -171,3 +171,23 @@ def _expected_sources(rules: list[Rule], target: str, layers_done: np.ndarray) -
       yield from (rule.source.format(layer=i) for i, done in enumerate(layers_done) if not done)
     else:
       yield rule.source
+
+
+def linear_rules(source: str, target: str, bias: bool = True) -> Iterator[Rule]:
+  """A PyTorch `nn.Linear` at `source` onto an `nnx.Linear` at `target`."""
+  yield Rule(f"{source}.weight", f"{target}.kernel", transpose)
+  if bias:
+    yield Rule(f"{source}.bias", f"{target}.bias")
+
+
+def layer_norm_rules(source: str, target: str) -> Iterator[Rule]:
+  """A PyTorch `nn.LayerNorm` at `source` onto an `nnx.LayerNorm` at `target`."""
+  yield Rule(f"{source}.weight", f"{target}.scale")
+  yield Rule(f"{source}.bias", f"{target}.bias")
+
+
+def nested(table: Iterable[Rule], target_prefix: str) -> tuple[Rule, ...]:
+  """The same rules for a model held as a submodule (`target_prefix`, e.g. "llm.")."""
+  return tuple(
+    dataclasses.replace(rule, target=None if rule.target is None else target_prefix + rule.target) for rule in table
+  )
