@@ -1,0 +1,135 @@
+"""The model folder: what every conversion writes and every command takes as `--model`.
+
+    FOLDER/
+      ltu_jax.json   {"kind": "whisper" | "llama" | "ltu_as", "config": {...}, "extra": {...}}
+      params/        the parameters, an orbax checkpoint of the model's state
+      tokenizer.json, tokenizer_config.json, ...   a Hugging Face tokenizer (AutoTokenizer loads it)
+
+`extra` holds what the model's users need beside its weights (special token ids, suppress lists).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from ltu_jax.models.llama import Llama, LlamaConfig
+from ltu_jax.models.ltu_as import LtuAs, LtuAsConfig
+from ltu_jax.models.whisper import Whisper, WhisperConfig
+
+CONFIG_FILE = "ltu_jax.json"
+PARAMS_DIR = "params"
+KINDS: dict[str, tuple[type, type]] = {
+  "whisper": (WhisperConfig, Whisper),
+  "llama": (LlamaConfig, Llama),
+  "ltu_as": (LtuAsConfig, LtuAs),
+}
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+  return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+  """Rebuilds a (nested) config dataclass from `config_to_dict`'s output; unknown keys are errors."""
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - names)
+  if unknown:
+    raise ValueError(f"{where}: unknown keys {unknown} for {cls.__name__}; expected some of {sorted(names)}")
+  values = {}
+  for name, value in data.items():
+    kind = hints[name]
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else (kind,)
+    nested = next((t for t in options if dataclasses.is_dataclass(t)), None)
+    if nested is not None and isinstance(value, dict):
+      value = config_from_dict(nested, value, f"{where}.{name}")
+    elif isinstance(value, list):
+      value = tuple(value)
+    values[name] = value
+  return cls(**values)
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A model folder in memory: `model(...)` for logits, `tokenizer` for text."""
+
+  kind: str
+  config: Any
+  model: nnx.Module
+  tokenizer: Any
+  extra: dict[str, Any]
+  folder: str
+
+
+def save(folder: str | os.PathLike, model: nnx.Module, kind: str, extra: dict[str, Any] | None = None, tokenizer: Any = None) -> None:
+  """Writes `model` (its config, its parameters) and `tokenizer` (`save_pretrained`) to a new folder."""
+  folder = os.path.abspath(folder)
+  if kind not in KINDS:
+    raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(KINDS)}")
+  os.makedirs(folder, exist_ok=True)
+  if os.path.exists(os.path.join(folder, PARAMS_DIR)):
+    raise FileExistsError(f"{folder} already holds a model; choose a new output folder")
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(folder, PARAMS_DIR), nnx.state(model).to_pure_dict())
+  if tokenizer is not None:
+    tokenizer.save_pretrained(folder)
+  manifest = {"kind": kind, "config": config_to_dict(model.config), "extra": extra or {}}
+  with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+    json.dump(manifest, f, indent=2)
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+  path = os.path.join(folder, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{folder} is not an ltu-jax model folder: {CONFIG_FILE} is missing (convert a checkpoint first)")
+  with open(path) as f:
+    manifest = json.load(f)
+  if manifest.get("kind") not in KINDS:
+    raise ValueError(f"{path}: 'kind' is {manifest.get('kind')!r}; expected one of {sorted(KINDS)}")
+  return manifest
+
+
+def load(folder: str | os.PathLike, *, param_dtype: str | None = None, tokenizer: bool = True, **overrides: Any) -> Loaded:
+  """Loads any model folder. `param_dtype` casts the stored weights; `overrides` replace config fields
+  (e.g. `dtype="bfloat16"` for bf16 compute, `remat=True`)."""
+  folder = os.path.abspath(folder)
+  manifest = read_manifest(folder)
+  config_cls, model_cls = KINDS[manifest["kind"]]
+  config = config_from_dict(config_cls, manifest["config"], f"{folder}/{CONFIG_FILE}")
+  if param_dtype is not None:
+    overrides["param_dtype"] = param_dtype
+  config = _with_overrides(config, overrides)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0))))
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract.to_pure_dict())
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(os.path.join(folder, PARAMS_DIR), target)
+  nnx.replace_by_pure_dict(abstract, restored)
+  text = None
+  if tokenizer:
+    import transformers  # only where text is needed: it is slow to import
+
+    text = transformers.AutoTokenizer.from_pretrained(folder)
+  return Loaded(manifest["kind"], config, nnx.merge(graphdef, abstract), text, manifest["extra"], folder)
+
+
+def _with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+  """Applies dtype/remat-style overrides to the config and to its nested model configs."""
+  if not overrides:
+    return config
+  own = {k: v for k, v in overrides.items() if k in {f.name for f in dataclasses.fields(config)}}
+  nested = {
+    f.name: _with_overrides(getattr(config, f.name), overrides)
+    for f in dataclasses.fields(config)
+    if dataclasses.is_dataclass(getattr(config, f.name)) and f.name != "lora"
+  }
+  return dataclasses.replace(config, **own, **nested)
