@@ -191,3 +191,28 @@ def nested(table: Iterable[Rule], target_prefix: str) -> tuple[Rule, ...]:
   return tuple(
     dataclasses.replace(rule, target=None if rule.target is None else target_prefix + rule.target) for rule in table
   )
+
+
+_INVERSES: dict[Callable, Callable] = {identity: identity, transpose: transpose}
+
+
+def export(state: nnx.State, table: Iterable[Rule]) -> Iterator[tuple[str, np.ndarray]]:
+  """The way back: `(source key, array)` for every rule of `table`, one layer slice at a time.
+
+  Only rules whose transform is invertible here (identity, transpose) can be exported.
+  """
+  flat = {path_str(path): var for path, var in nnx.to_flat_state(state)}
+  for rule in table:
+    if rule.target is None:
+      continue
+    if rule.transform not in _INVERSES:
+      raise ValueError(f"cannot export {rule.source!r}: its transform {rule.transform.__name__} has no inverse")
+    if rule.target not in flat:
+      raise KeyError(f"the model has no {rule.target!r} to export as {rule.source!r}")
+    value = np.asarray(flat[rule.target].get_value())
+    invert = _INVERSES[rule.transform]
+    if rule.layered:
+      for layer in range(value.shape[0]):
+        yield rule.source.format(layer=layer), invert(value[layer])
+    else:
+      yield rule.source, invert(value)

@@ -28,6 +28,7 @@ from ltu_jax.models.whisper import Whisper, WhisperConfig
 
 CONFIG_FILE = "ltu_jax.json"
 PARAMS_DIR = "params"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 KINDS: dict[str, tuple[type, type]] = {
   "whisper": (WhisperConfig, Whisper),
   "llama": (LlamaConfig, Llama),
@@ -101,7 +102,8 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
 
 def load(folder: str | os.PathLike, *, param_dtype: str | None = None, tokenizer: bool = True, **overrides: Any) -> Loaded:
   """Loads any model folder. `param_dtype` casts the stored weights; `overrides` replace config fields
-  (e.g. `dtype="bfloat16"` for bf16 compute, `remat=True`)."""
+  (e.g. `dtype="bfloat16"` for bf16 compute, `remat=True`). The tokenizer is loaded when the folder has
+  one and `tokenizer` is true."""
   folder = os.path.abspath(folder)
   manifest = read_manifest(folder)
   config_cls, model_cls = KINDS[manifest["kind"]]
@@ -115,7 +117,7 @@ def load(folder: str | os.PathLike, *, param_dtype: str | None = None, tokenizer
     restored = checkpointer.restore(os.path.join(folder, PARAMS_DIR), target)
   nnx.replace_by_pure_dict(abstract, restored)
   text = None
-  if tokenizer:
+  if tokenizer and any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
     import transformers  # only where text is needed: it is slow to import
 
     text = transformers.AutoTokenizer.from_pretrained(folder)

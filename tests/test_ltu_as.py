@@ -42,8 +42,13 @@ SETUPS = {
 
 def build(name: str):
   """A peft-wrapped PyTorch LTU-AS with random weights (non-zero LoRA B) and our model loaded from it."""
-  setup = SETUPS[name]
   torch.manual_seed(sum(map(ord, name)))
+  reference = build_reference(SETUPS[name])
+  return reference, load_ltu_as(our_config(SETUPS[name], reference), numpy_state_dict(reference))
+
+
+def build_reference(setup: dict):
+  """A peft-wrapped PyTorch LTU-AS with random weights, non-zero LoRA B and random LayerNorm affines."""
   llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**setup["llm"], attn_implementation="eager"))
   dim = setup["whisper_dim"]
   tltr = torch_reference.TLTR(dim, setup["time_heads"], setup["layer_heads"])
@@ -61,13 +66,17 @@ def build(name: str):
     for key, param in reference.named_parameters():
       if "lora_B" in key:
         param.normal_(0.0, 0.2)
-  config = LtuAsConfig(
-    llm=config_from_hf(llama.config, lora=lora),
+  return reference
+
+
+def our_config(setup: dict, reference) -> LtuAsConfig:
+  dim = setup["whisper_dim"]
+  return LtuAsConfig(
+    llm=config_from_hf(reference.config, lora=setup["lora"]),
     tltr=TLTRConfig(dim=dim, time_heads=setup["time_heads"], layer_heads=setup["layer_heads"], mlp_dim=4 * dim),
     feature_layers=setup["feature_layers"],
     audio_tokens=setup["time"],
   )
-  return reference, load_ltu_as(config, numpy_state_dict(reference))
 
 
 @pytest.fixture(scope="module", params=sorted(SETUPS))
@@ -75,8 +84,8 @@ def models(request):
   return (request.param, *build(request.param))
 
 
-def batch(name: str, length: int = 9, size: int = 2, seed: int = 0):
-  setup = SETUPS[name]
+def batch(name: str, length: int = 9, size: int = 2, seed: int = 0, setup: dict | None = None):
+  setup = setup or SETUPS[name]
   rng = np.random.default_rng(seed)
   features = rng.normal(size=(size, setup["feature_layers"], setup["time"], setup["whisper_dim"])).astype(np.float32)
   ids = rng.integers(3, setup["llm"]["vocab_size"], (size, length))
