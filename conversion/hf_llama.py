@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from typing import Any, Iterable
 
 import jax
 import numpy as np
 from flax import nnx
 
-from conversion import rules
+from conversion import rules, sources
 from conversion.rules import Rule, transpose
 from ltu_jax.models.llama import Llama, LlamaConfig, RopeScaling
 from ltu_jax.models.lora import LoRAConfig, LoRAParam
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def config_from_hf(hf: Any, lora: LoRAConfig | None = None, **overrides: Any) -> LlamaConfig:
@@ -67,6 +71,7 @@ def llama_rules(config: LlamaConfig, prefix: str = "", lora_prefix: str | None =
     Rule(layer + "input_layernorm.weight", "layers.input_layernorm.scale"),
     Rule(layer + "post_attention_layernorm.weight", "layers.post_attention_layernorm.scale"),
     Rule(f"{prefix}lm_head.weight", None if config.tie_word_embeddings else "lm_head.kernel", transpose),
+    Rule(layer + "self_attn.rotary_emb.inv_freq", None),  # a buffer that older transformers saved (Vicuna)
   ]
   for block, names in (("self_attn", ATTENTION), ("mlp", MLP)):
     for name in names:
@@ -91,7 +96,26 @@ def load_llama(
   fresh_lora: bool = False,
   seed: int = 0,
 ) -> Llama:
-  """Builds our model from `(key, array)` pairs; `fresh_lora` keeps newly initialised adapters."""
+  """Builds our model from Hugging Face (or peft) `(key, array)` pairs; see `build_llama`."""
+  tensors = ((normalize_peft_key(k), v) for k, v in tensors)
+  return build_llama(config, tensors, llama_rules(config, prefix), source=source, fresh_lora=fresh_lora, seed=seed)
+
+
+def build_llama(
+  config: LlamaConfig,
+  tensors: Iterable[tuple[str, np.ndarray]],
+  table: Iterable[Rule],
+  *,
+  source: str = "checkpoint",
+  strict: bool = True,
+  fresh_lora: bool = False,
+  seed: int = 0,
+) -> Llama:
+  """Builds our model from `(key, array)` pairs named as `table` says (any format).
+
+  Weights are cast to `config.param_dtype` as they arrive; `fresh_lora` keeps newly initialised adapters
+  (B = 0) for the LoRA targets of `config`; `strict=False` ignores keys that no rule maps.
+  """
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(seed))))
   keep = lambda path: False
   if fresh_lora:
@@ -99,5 +123,60 @@ def load_llama(
     adapters = jax.jit(lambda: nnx.state(Llama(config, rngs=nnx.Rngs(seed)), LoRAParam))()
     state = nnx.merge_state(state, adapters)
     keep = {rules.path_str(path) for path, _ in nnx.to_flat_state(adapters)}.__contains__
-  tensors = ((normalize_peft_key(k), v) for k, v in tensors)
-  return nnx.merge(graphdef, rules.load(tensors, llama_rules(config, prefix), state, source=source, keep=keep))
+  return nnx.merge(graphdef, rules.load(tensors, table, state, source=source, strict=strict, keep=keep))
+
+
+@dataclasses.dataclass
+class LlamaCheckpoint:
+  """A LLaMA-family checkpoint opened for streaming, whatever its format.
+
+  `tensors` yields `(key, array)` once, named as `table` expects; `count` is their number when known
+  (for progress); `special_tokens` are the model folder's `extra`; `tokenizer_args` go to
+  `transformers.AutoTokenizer.from_pretrained`.
+  """
+
+  config: LlamaConfig
+  table: tuple[Rule, ...]
+  tensors: Iterable[tuple[str, np.ndarray]]
+  count: int | None
+  special_tokens: dict[str, Any]
+  tokenizer_args: dict[str, Any]
+  source: str
+
+
+def special_tokens_from_hf(folder: str) -> dict[str, Any]:
+  """bos/pad ids and the list of eos ids from `config.json`, overridden by `generation_config.json`."""
+  found: dict[str, Any] = {}
+  for name in ("config.json", "generation_config.json"):
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+      with open(path) as f:
+        found.update({k: v for k, v in json.load(f).items() if k in SPECIAL_TOKENS and v is not None})
+  eos = found.get("eos_token_id", [])
+  return {
+    "bos_token_id": found.get("bos_token_id"),
+    "eos_token_ids": eos if isinstance(eos, list) else [eos],
+    "pad_token_id": found.get("pad_token_id"),
+  }
+
+
+def open_hf_folder(folder: str | os.PathLike, lora: LoRAConfig | None = None, **overrides: Any) -> LlamaCheckpoint:
+  """A `save_pretrained` folder (config.json, single or sharded safetensors or `.bin`, tokenizer files)."""
+  folder = os.path.abspath(folder)
+  path = os.path.join(folder, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: config.json is missing")
+  with open(path) as f:
+    hf = json.load(f)
+  if hf.get("model_type") != "llama":
+    raise ValueError(f"{path}: model_type is {hf.get('model_type')!r}; only 'llama' models are supported")
+  config = config_from_hf(hf, lora, **overrides)
+  return LlamaCheckpoint(
+    config=config,
+    table=llama_rules(config),
+    tensors=sources.iter_hf_folder(folder),
+    count=None,
+    special_tokens=special_tokens_from_hf(folder),
+    tokenizer_args={"pretrained_model_name_or_path": folder},
+    source=folder,
+  )

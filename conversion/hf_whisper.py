@@ -6,6 +6,9 @@ prefix; Linear weights are transposed, Conv1d weights `[out, in, k]` become Flax
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
 from typing import Any, Iterable, Iterator
 
 import jax
@@ -13,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from conversion import sources
 from conversion.rules import Rule, layer_norm_rules, linear_rules, load
 from ltu_jax.models.whisper import Whisper, WhisperConfig
 
@@ -98,3 +102,29 @@ def from_torch(hf_model: Any) -> Whisper:
   table = RULES if hasattr(hf_model, "proj_out") else rules("")
   tensors = ((key, tensor.detach().float().numpy()) for key, tensor in hf_model.state_dict().items())
   return load_whisper(tensors, config_from_hf(hf_model.config), table, source=type(hf_model).__name__)
+
+
+def read_folder(folder: str | os.PathLike) -> tuple[WhisperConfig, sources.Tensors, tuple[Rule, ...]]:
+  """The config, tensors and table of a `save_pretrained` folder of a `WhisperForConditionalGeneration`
+  or bare `WhisperModel` (told apart by the first key's `model.` prefix)."""
+  import transformers  # slow to import: only where a Hugging Face folder is read
+
+  tensors = sources.iter_hf_folder(folder)
+  config = config_from_hf(transformers.WhisperConfig.from_pretrained(folder))
+  first = next(tensors, None)
+  if first is None:
+    raise ValueError(f"{folder} holds no tensors")
+  table = RULES if first[0].startswith("model.") else rules("")
+  return config, itertools.chain([first], tensors), table
+
+
+def read_settings(folder: str | os.PathLike) -> dict[str, Any]:
+  """Generation settings (`suppress_tokens`, `begin_suppress_tokens`, ...): `config.json` overridden by
+  `generation_config.json`, where older and newer transformers keep them."""
+  settings: dict[str, Any] = {}
+  for name in ("config.json", "generation_config.json"):
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+      with open(path) as f:
+        settings.update(json.load(f))
+  return settings
