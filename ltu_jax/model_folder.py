@@ -14,8 +14,9 @@ import dataclasses
 import json
 import os
 import types
+import shutil
 import typing
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -81,12 +82,22 @@ def save(folder: str | os.PathLike, model: nnx.Module, kind: str, extra: dict[st
   if os.path.exists(os.path.join(folder, PARAMS_DIR)):
     raise FileExistsError(f"{folder} already holds a model; choose a new output folder")
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(folder, PARAMS_DIR), nnx.state(model).to_pure_dict())
+    checkpointer.save(os.path.join(folder, PARAMS_DIR), nnx.to_pure_dict(nnx.state(model)))
   if tokenizer is not None:
     tokenizer.save_pretrained(folder)
   manifest = {"kind": kind, "config": config_to_dict(model.config), "extra": extra or {}}
   with open(os.path.join(folder, CONFIG_FILE), "w") as f:
     json.dump(manifest, f, indent=2)
+
+
+def save_like(folder: str | os.PathLike, model: nnx.Module, parent: Loaded) -> None:
+  """Saves `model` as a folder of the same kind as `parent`, with its tokenizer, extra data and the
+  model folders it holds (an LTU-AS folder's `whisper/`)."""
+  save(folder, model, parent.kind, extra=parent.extra, tokenizer=parent.tokenizer)
+  for value in parent.extra.values():
+    inner = os.path.join(parent.folder, value) if isinstance(value, str) else None
+    if inner and os.path.isfile(os.path.join(inner, CONFIG_FILE)):
+      shutil.copytree(inner, os.path.join(folder, value))
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
@@ -100,10 +111,18 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
   return manifest
 
 
-def load(folder: str | os.PathLike, *, param_dtype: str | None = None, tokenizer: bool = True, **overrides: Any) -> Loaded:
+def load(
+  folder: str | os.PathLike,
+  *,
+  param_dtype: str | None = None,
+  tokenizer: bool = True,
+  configure: Callable[[Any], Any] | None = None,
+  **overrides: Any,
+) -> Loaded:
   """Loads any model folder. `param_dtype` casts the stored weights; `overrides` replace config fields
-  (e.g. `dtype="bfloat16"` for bf16 compute, `remat=True`). The tokenizer is loaded when the folder has
-  one and `tokenizer` is true."""
+  of the model and its parts (e.g. `dtype="bfloat16"` for bf16 compute, `remat=True`); `configure` maps
+  the config to another one of the same shapes (e.g. a training LoRA dropout). The tokenizer is loaded
+  when the folder has one and `tokenizer` is true."""
   folder = os.path.abspath(folder)
   manifest = read_manifest(folder)
   config_cls, model_cls = KINDS[manifest["kind"]]
@@ -111,8 +130,10 @@ def load(folder: str | os.PathLike, *, param_dtype: str | None = None, tokenizer
   if param_dtype is not None:
     overrides["param_dtype"] = param_dtype
   config = _with_overrides(config, overrides)
+  if configure is not None:
+    config = configure(config)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0))))
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract.to_pure_dict())
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(abstract))
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(os.path.join(folder, PARAMS_DIR), target)
   nnx.replace_by_pure_dict(abstract, restored)

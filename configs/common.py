@@ -1,0 +1,56 @@
+"""The LTU-AS recipe shared by every stage (facts §3.1); each stage file changes only what differs."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = ""
+  c.seed = 42  # HF Trainer's default
+  # The model folder to start from: a converted LTU-AS (conversion.ltu_as) or a previous stage's output.
+  c.model = ""
+  c.output_dir = ""
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = ""  # LTU JSON / JSONL
+  c.data.features = ""  # feature cache folder (python -m ltu_jax.extract_features)
+  c.data.features_on_the_fly = False  # compute missing features with the model folder's Whisper
+  c.data.cutoff_len = 108
+  c.data.train_on_inputs = True  # the original computes the loss over the whole text
+  c.data.padding_side = "left"
+  c.data.pad_to_multiple_of = 8
+  c.data.skip_bad_records = False
+  c.data.workers = 0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 100
+  c.optim.batch_size = 256  # effective batch, over all devices and accumulation steps
+  c.optim.micro_batch_size = 8  # per device and step
+  c.optim.epochs = 2.0
+  c.optim.max_steps = -1  # > 0: stop after this many optimizer steps (schedule still spans the epochs)
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+
+  # What trains: "proj" (audio projection only, stage 1) or "all" (TLTR, projection and LoRA).
+  c.trainable = "all"
+  c.lora_dropout = 0.05
+
+  c.precision = ml_collections.ConfigDict()
+  c.precision.compute = "bfloat16"  # activations and matmuls
+  c.precision.frozen = "bfloat16"  # storage of the frozen LLM (trainable weights are fp32 masters)
+  c.precision.remat = False
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1  # all remaining devices
+  c.mesh.tensor = 1
+
+  c.log_every = 10
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  return c

@@ -1,0 +1,30 @@
+"""The embedded default: where the tiny pipeline (`python -m ltu_jax.tiny`) puts models, data and runs,
+and how the paper's recipe is scaled to a few CPU minutes (same stages, filters, schedule shape, optimizer)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+CACHE = "cache"
+WHISPER = f"{CACHE}/models/whisper-tiny.en"
+LLM = f"{CACHE}/models/smollm2-135m"
+LTU_AS = f"{CACHE}/models/ltu_as-tiny"  # fresh TLTR, projection and LoRA over the two
+DATA = f"{CACHE}/tiny_data"
+FEATURES = f"{DATA}/features"
+
+
+def scale_to_cpu(c: ml_collections.ConfigDict, stage: int) -> ml_collections.ConfigDict:
+  c.name = f"tiny_stage{stage}"
+  c.output_dir = f"runs/tiny_stage{stage}"
+  c.model = LTU_AS if stage == 1 else f"runs/tiny_stage{stage - 1}/model"
+  c.data.train = f"{DATA}/classification.json" if stage < 3 else f"{DATA}/train.json"
+  c.data.features = FEATURES
+  c.optim.batch_size = 16
+  c.optim.micro_batch_size = 8
+  c.optim.warmup_steps = 10
+  c.data.pad_to_multiple_of = 32  # few distinct batch shapes: each one is a compile, minutes on CPU
+  c.precision.compute = "float32"  # XLA on CPU has no fast bf16 matmuls
+  c.precision.frozen = "float32"
+  c.log_every = 5
+  c.checkpoint_every = 25
+  return c

@@ -1,0 +1,350 @@
+"""The curriculum trainer: `python -m ltu_jax.train --config stage3 [--set optim.lr=2e-4 ...]`.
+
+A short loop around a pure, jitted `train_step(state, frozen, batch, key) -> (state, metrics)`:
+trainable parameters (a stage's filter) and their AdamW state are donated and sharded by the logical
+rules; the frozen LLM is a separate, non-donated argument stored in bf16. Gradients are accumulated over
+micro-batches inside the step. Checkpoints (orbax) hold the trainable parameters, the optimizer state,
+the step and the data iterator, so a resumed run continues the same run bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx, struct
+
+from ltu_jax import data, model_folder, sharding
+from ltu_jax.models.lora import LoRAParam
+from ltu_jax.models.ltu_as import lm_loss
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(name: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+  """`name` is a config in configs/ ("stage3") or a path to one; overrides are `key.sub=value`."""
+  path = name if name.endswith(".py") else os.path.join(CONFIG_DIR, f"{name}.py")
+  if not os.path.isfile(path):
+    known = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
+    raise FileNotFoundError(f"config {name!r} not found at {path}; known configs: {known}")
+  spec = importlib.util.spec_from_file_location(f"ltu_jax_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, os.path.dirname(CONFIG_DIR))  # configs import configs.common
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.pop(0)
+  config = module.get_config()
+  config.lock()  # an override of a field the config does not have is an error, not a new field
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"override {item!r} is not key=value")
+    try:
+      config.update_from_flattened_dict({key: parse_value(value)})
+    except (KeyError, AttributeError) as error:
+      raise KeyError(f"override {item!r}: the config has no field {key!r}") from error
+  if not config.output_dir:
+    config.output_dir = os.path.join("runs", config.name)
+  return config
+
+
+def parse_value(text: str) -> Any:
+  """A Python literal (`2e-4`, `8`, `'a'`), `true`/`false`/`none` in any case, or else the text itself."""
+  words = {"true": True, "false": False, "none": None}
+  if text.lower() in words:
+    return words[text.lower()]
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def trainable_filter(kind: str) -> Any:
+  """Stage 1 trains the projection only; later stages TLTR, the projection and the LoRA adapters."""
+  if kind == "proj":
+    return nnx.PathContains("audio_proj")
+  if kind == "all":
+    return nnx.Any(nnx.PathContains("audio_encoder"), nnx.PathContains("audio_proj"), LoRAParam)
+  raise ValueError(f"trainable must be 'proj' or 'all', got {kind!r}")
+
+
+def lr_schedule(peak: float, warmup: int, total: int) -> optax.Schedule:
+  """Hugging Face's default: linear warm-up to `peak`, then linear decay to 0 at `total`."""
+  warmup = min(warmup, total)
+  return optax.join_schedules(
+    [optax.linear_schedule(0.0, peak, warmup), optax.linear_schedule(peak, 0.0, max(total - warmup, 1))], [warmup]
+  )
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any  # trainable parameters, fp32 masters
+  opt_state: Any
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule):
+  """The pure step. `batch` arrays have a leading accumulation axis: `[accum, micro, ...]`.
+
+  The loss is the mean over every target token of the effective batch (summed over micro-batches, then
+  divided by the token count), so it does not depend on how the batch is split into micro-batches and
+  devices. (Hugging Face averages the micro-batches' own means, which weights short micro-batches more.)
+  """
+
+  def micro_loss(params, frozen, micro, key):
+    model = nnx.merge(graphdef, params, frozen)
+    logits, _ = model(micro["features"], micro["input_ids"], micro["attention_mask"], dropout_key=key)
+    loss, tokens = lm_loss(logits, micro["input_ids"], micro["loss_mask"])
+    return loss * tokens, tokens
+
+  def train_step(state: TrainState, frozen, batch, key):
+    key = jax.random.fold_in(key, state.step)
+    accum = batch["input_ids"].shape[0]
+
+    def accumulate(carry, scanned):
+      grads, loss_sum, tokens = carry
+      micro, index = scanned
+      (micro_sum, micro_tokens), micro_grads = jax.value_and_grad(micro_loss, has_aux=True)(
+        state.params, frozen, micro, jax.random.fold_in(key, index)
+      )
+      return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro_sum, tokens + micro_tokens), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, loss_sum, tokens), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (batch, jnp.arange(accum)))
+    tokens = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    loss = loss_sum / tokens
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite step leaves the state as it was; the loop stops on it.
+    new = TrainState(state.step + 1, params, opt_state)
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), tokens=tokens, finite=finite)
+    return new, metrics
+
+  return train_step
+
+
+def with_lora_dropout(config, dropout: float):
+  """The LTU-AS config with its adapters' training dropout (the folder keeps the rest)."""
+  lora = config.llm.lora
+  if lora is None:
+    return config
+  return dataclasses.replace(config, llm=dataclasses.replace(config.llm, lora=dataclasses.replace(lora, dropout=dropout)))
+
+
+def cast_floats(tree: Any, dtype: str) -> Any:
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+class Trainer:
+  """Builds everything a run needs from its config; `run()` trains and writes `output_dir/model`."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = c = config
+    self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    self.loaded = model_folder.load(
+      c.model, dtype=c.precision.compute, remat=c.precision.remat, configure=lambda m: with_lora_dropout(m, c.lora_dropout)
+    )
+    model = self.loaded.model
+    self.graphdef, params, frozen = nnx.split(model, trainable_filter(c.trainable), ...)
+    frozen = cast_floats(frozen, c.precision.frozen)
+
+    dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    if c.optim.batch_size % (c.optim.micro_batch_size * dp):
+      raise ValueError(
+        f"optim.batch_size {c.optim.batch_size} is not a multiple of micro_batch_size {c.optim.micro_batch_size} "
+        f"× {dp} data-parallel devices"
+      )
+    self.accum = c.optim.batch_size // (c.optim.micro_batch_size * dp)
+    whisper = None
+    if c.data.features_on_the_fly:
+      whisper = model_folder.load(os.path.join(c.model, self.loaded.extra["whisper"]), tokenizer=False)
+    mc = model.config
+    store = data.FeatureStore(c.data.features, shape=(mc.feature_layers, mc.audio_tokens, mc.tltr.dim), whisper=whisper)
+    # Every record (and its features or audio) is checked here, so no bad record stops an epoch midway.
+    records, skipped = data.read_records(c.data.train, skip_bad=c.data.skip_bad_records, features=store)
+    if skipped:
+      print(f"skipped {skipped} bad records of {c.data.train}", file=sys.stderr)
+    extra = self.loaded.extra
+    self.loader = data.make_loader(
+      records,
+      self.loaded.tokenizer,
+      store,
+      batch_size=c.optim.batch_size // jax.process_count(),
+      cutoff_len=c.data.cutoff_len,
+      train_on_inputs=c.data.train_on_inputs,
+      padding_side=c.data.padding_side,
+      pad_to_multiple_of=c.data.pad_to_multiple_of,
+      bos_id=extra["bos_token_id"],
+      eos_id=extra["eos_token_ids"][0],
+      pad_id=extra.get("pad_token_id") or 0,
+      seed=c.seed,
+      workers=c.data.workers,
+    )
+    self.total_steps = max(1, math.ceil(c.optim.epochs * self.loader.steps_per_epoch))
+    self.last_step = self.total_steps if c.optim.max_steps <= 0 else min(self.total_steps, c.optim.max_steps)
+    self.schedule = lr_schedule(c.optim.lr, c.optim.warmup_steps, self.total_steps)
+    tx = optax.adamw(self.schedule, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps, weight_decay=c.optim.weight_decay)
+
+    self.param_shardings = sharding.state_shardings(params, self.mesh)
+    self.frozen = jax.device_put(frozen, sharding.state_shardings(frozen, self.mesh))
+    params = jax.device_put(params, self.param_shardings)
+    # Optimizer moments take their parameters' shardings; scalars such as Adam's count are replicated.
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    opt_shardings = optax.tree_map_params(
+      tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), self.param_shardings,
+      transform_non_params=lambda _: replicated,
+    )
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
+    self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    self.state = state
+    batch_spec = lambda ndim: jax.sharding.NamedSharding(
+      self.mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), *([None] * (ndim - 2)))
+    )
+    self.batch_sharding = batch_spec
+    self.step_fn = jax.jit(
+      make_train_step(self.graphdef, tx, self.schedule),
+      in_shardings=(self.state_shardings, jax.tree.map(lambda x: x.sharding, self.frozen), None, None),
+      out_shardings=(self.state_shardings, None),
+      donate_argnums=(0,),
+    )
+    self.key = jax.random.key(c.seed)
+    self.checkpoints = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(c.output_dir, "checkpoints")),
+      item_names=("state", "data"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, save_interval_steps=c.checkpoint_every),
+    )
+
+  def device_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """`[accum * micro, ...]` per process → global `[accum, micro * processes, ...]` sharded on the batch axis."""
+    out = {}
+    for name, array in host_batch.items():
+      array = array.reshape(self.accum, -1, *array.shape[1:])
+      out[name] = jax.make_array_from_process_local_data(self.batch_sharding(array.ndim), array)
+    return out
+
+  def restore(self) -> int:
+    step = self.checkpoints.latest_step()
+    if step is None:
+      return 0
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+    restored = self.checkpoints.restore(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=data.checkpoint_restore(self.loader)),
+    )
+    self.state = restored["state"]
+    print(f"resumed from step {step} ({self.checkpoints.directory})", file=sys.stderr)
+    return step
+
+  def save(self, step: int, force: bool = False) -> None:
+    self.checkpoints.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(self.state), data=data.checkpoint_save(self.loader)),
+      force=force,
+    )
+
+  def run(self) -> str:
+    """Trains to the last step and writes the trained model folder; returns its path."""
+    c = self.config
+    os.makedirs(c.output_dir, exist_ok=True)
+    with open(os.path.join(c.output_dir, "config.json"), "w") as f:
+      f.write(c.to_json_best_effort(indent=2))
+    start = self.restore()
+    log = metrics_writers(c.output_dir)
+    from tqdm import tqdm
+
+    bar = tqdm(total=self.last_step, initial=start, desc=c.name, unit="step", disable=jax.process_index() != 0)
+    window_start, window_samples = time.perf_counter(), 0
+    for step in range(start, self.last_step):
+      batch = self.device_batch(next(self.loader))
+      self.state, metrics = self.step_fn(self.state, self.frozen, batch, self.key)
+      window_samples += c.optim.batch_size
+      if not bool(metrics["finite"]):
+        latest = self.checkpoints.latest_step()
+        raise FloatingPointError(
+          f"step {step}: loss is {float(metrics['loss'])} (grad norm {float(metrics['grad_norm'])}); training stopped. "
+          f"The last good checkpoint is step {latest} in {self.checkpoints.directory}"
+        )
+      self.save(step + 1)
+      bar.update(1)
+      if (step + 1) % c.log_every == 0 or step + 1 == self.last_step:
+        elapsed = time.perf_counter() - window_start
+        row = {k: float(v) for k, v in metrics.items() if k != "finite"}
+        row.update(step=step + 1, samples_per_s=window_samples / elapsed)
+        log(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
+        window_start, window_samples = time.perf_counter(), 0
+    bar.close()
+    if self.checkpoints.latest_step() != self.last_step:
+      self.save(self.last_step, force=True)
+    self.checkpoints.wait_until_finished()
+    return self.write_model()
+
+  def write_model(self) -> str:
+    """The trained LTU-AS as a model folder (what the next stage takes as `model`)."""
+    out = os.path.join(self.config.output_dir, "model")
+    if os.path.exists(out):
+      shutil.rmtree(out)
+    parent = model_folder.load(self.config.model)
+    params = jax.device_get(self.state.params)
+    nnx.update(parent.model, params)
+    model_folder.save_like(out, parent.model, parent)
+    return out
+
+
+def metrics_writers(output_dir: str):
+  """A function that logs one row of metrics to `metrics.jsonl` and TensorBoard (process 0 only)."""
+  if jax.process_index() != 0:
+    return lambda row: None
+  from tensorboardX import SummaryWriter
+
+  board = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+  path = os.path.join(output_dir, "metrics.jsonl")
+
+  def log(row: dict[str, float]) -> None:
+    with open(path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for name, value in row.items():
+      if name != "step":
+        board.add_scalar(f"train/{name}", value, row["step"])
+    board.flush()
+
+  return log
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, help="a config name in configs/ (stage1, tiny_stage3, ...) or a path")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+  parser.add_argument("--coordinator", help="host:port of process 0, for multi-process runs (jax.distributed)")
+  parser.add_argument("--num-processes", type=int, default=1)
+  parser.add_argument("--process-id", type=int, default=0)
+  args = parser.parse_args(argv)
+  if args.coordinator:
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  config = load_config(args.config, args.set)
+  print(f"trained model: {Trainer(config).run()}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()

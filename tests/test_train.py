@@ -1,0 +1,151 @@
+"""The trainer: loss falls, the same run on 1 and 8 devices, exact resume after SIGKILL, NaN stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import ltu_jax
+from ltu_jax import train
+from tests import train_setup
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARDED_TOL = 1e-5  # loss and parameters, 1 device vs 8 (reduction order differs)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+  return train_setup.build(str(tmp_path_factory.mktemp("train")))
+
+
+def losses(output_dir: str) -> list[float]:
+  with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+    return [json.loads(line)["loss"] for line in f]
+
+
+def trained_params(output_dir: str) -> list[np.ndarray]:
+  model = ltu_jax.load(os.path.join(output_dir, "model"), tokenizer=False).model
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+
+
+def run_cli(args: list[str], **env) -> subprocess.Popen:
+  return subprocess.Popen(
+    [sys.executable, "-m", "ltu_jax.train", *args], cwd=ROOT, env=dict(os.environ, **env),
+    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )
+
+
+def changed_parameters(before_dir: str, after_dir: str) -> set[str]:
+  before = nnx.state(ltu_jax.load(before_dir, tokenizer=False).model)
+  after = nnx.state(ltu_jax.load(after_dir, tokenizer=False).model)
+  pairs = zip(nnx.to_flat_state(before), nnx.to_flat_state(after), strict=True)
+  return {".".join(map(str, p)) for (p, a), (_, b) in pairs if not np.array_equal(a.get_value(), b.get_value())}
+
+
+def test_loss_falls(parts, tmp_path):
+  out = str(tmp_path / "run")
+  model_dir = train.Trainer(train.load_config("tiny_stage3", train_setup.overrides(parts, out, **{"optim.max_steps": 12, "optim.epochs": 3.0}))).run()
+  history = losses(out)
+  assert len(history) == 12 and np.mean(history[-3:]) < 0.8 * np.mean(history[:3])
+  changed = changed_parameters(parts["ltu_as"], model_dir)
+  assert {p for p in changed if p.startswith("llm.")} == {
+    f"llm.layers.self_attn.{proj}.{w}" for proj in ("q_proj", "v_proj") for w in ("lora_a", "lora_b")
+  }  # of the LLM only the adapters train
+  assert os.path.isfile(os.path.join(out, "config.json")) and os.listdir(os.path.join(out, "tensorboard"))
+  assert ltu_jax.load(os.path.join(model_dir, "whisper"), tokenizer=False).kind == "whisper"
+
+
+def test_stage1_trains_the_projection_only(parts, tmp_path):
+  out = str(tmp_path / "run")
+  model_dir = train.Trainer(train.load_config("tiny_stage1", train_setup.overrides(parts, out, **{"optim.max_steps": 2, "data.train": parts["train"]}))).run()
+  assert changed_parameters(parts["ltu_as"], model_dir) == {"audio_proj.kernel", "audio_proj.bias"}
+
+
+SHARDED = """
+import json, sys
+from ltu_jax import train
+from tests import train_setup
+paths, out = json.loads(sys.argv[1]), sys.argv[2]
+for data, fsdp, tensor, micro in ((1, 8, 1, 1), (2, 2, 2, 1), (4, 1, 2, 2)):
+  run = f"{out}/mesh_{data}_{fsdp}_{tensor}"
+  more = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor, "optim.micro_batch_size": micro,
+          "optim.max_steps": 3, "lora_dropout": 0.0}
+  train.Trainer(train.load_config("tiny_stage3", train_setup.overrides(paths, run, **more))).run()
+  print(run)
+"""
+
+
+def test_one_device_equals_eight(parts, tmp_path):
+  single = str(tmp_path / "single")
+  more = {"optim.max_steps": 3, "lora_dropout": 0.0}
+  train.Trainer(train.load_config("tiny_stage3", train_setup.overrides(parts, single, **more))).run()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", SHARDED, json.dumps(parts), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  runs = result.stdout.split()
+  assert len(runs) == 3
+  reference = trained_params(single)
+  for run in runs:
+    np.testing.assert_allclose(losses(run), losses(single), rtol=SHARDED_TOL, atol=0)
+    for ours, theirs in zip(trained_params(run), reference, strict=True):
+      np.testing.assert_allclose(ours, theirs, rtol=SHARDED_TOL, atol=SHARDED_TOL)
+
+
+def test_resume_after_sigkill_is_bitwise_identical(parts, tmp_path):
+  steps = 6
+  args = lambda out: ["--config", "tiny_stage3", *[a for o in train_setup.overrides(parts, out, **{"optim.max_steps": steps}) for a in ("--set", o)]]
+  straight = run_cli(args(str(tmp_path / "straight")))
+  killed_dir = tmp_path / "killed"
+  killed = run_cli(args(str(killed_dir)))
+  deadline = time.time() + 300
+  while not (killed_dir / "checkpoints" / "3").is_dir():  # kill once a few steps are checkpointed
+    assert killed.poll() is None, killed.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.05)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert not (killed_dir / "model").exists()
+  resumed = run_cli(args(str(killed_dir)))
+  _, resumed_err = resumed.communicate()
+  _, straight_err = straight.communicate()
+  assert resumed.returncode == 0, resumed_err[-3000:]
+  assert straight.returncode == 0, straight_err[-3000:]
+  assert "resumed from step" in resumed_err
+  for ours, theirs in zip(trained_params(str(killed_dir)), trained_params(str(tmp_path / "straight")), strict=True):
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(parts, tmp_path):
+  out = str(tmp_path / "run")
+  train.Trainer(train.load_config("tiny_stage3", train_setup.overrides(parts, out, **{"optim.max_steps": 2}))).run()
+  poisoned = tmp_path / "nan_features"
+  poisoned.mkdir()
+  for name in os.listdir(parts["features"]):
+    np.savez_compressed(poisoned / name, np.full((2, 25, 16), np.nan, np.float16))
+  config = train.load_config("tiny_stage3", train_setup.overrides(parts, out, **{"optim.max_steps": 4, "data.features": str(poisoned)}))
+  with pytest.raises(FloatingPointError, match=r"step 2: loss is nan.*last good checkpoint is step 2"):
+    train.Trainer(config).run()
+  assert sorted(int(d) for d in os.listdir(os.path.join(out, "checkpoints")) if d.isdigit())[-1] == 2
+
+
+def test_bad_record_is_named_before_training(parts, tmp_path):
+  records = json.load(open(parts["train"]))
+  del records[5]["output"]
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps(records))
+  config = train.load_config("tiny_stage3", train_setup.overrides(parts, str(tmp_path / "run"), **{"data.train": str(bad)}))
+  with pytest.raises(ValueError, match=r"bad.json.*record 5.*'output'"):
+    train.Trainer(config)
+  skipping = train.load_config(
+    "tiny_stage3", train_setup.overrides(parts, str(tmp_path / "run2"), **{"data.train": str(bad), "data.skip_bad_records": True, "optim.max_steps": 1})
+  )
+  train.Trainer(skipping).run()

@@ -1,0 +1,81 @@
+"""A tiny LTU-AS with random weights, a word-level tokenizer, records and cached features, for trainer tests."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import tokenizers
+import transformers
+from flax import nnx
+
+from conversion import ltu_as
+from ltu_jax import data, model_folder
+from ltu_jax.models.llama import Llama, LlamaConfig
+from ltu_jax.models.whisper import Whisper, WhisperConfig
+
+WORDS = "the a speaker is male female sound of bell siren says hello world quickly slowly what was said who".split()
+SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def tokenizer() -> transformers.PreTrainedTokenizerFast:
+  vocab = {token: i for i, token in enumerate(SPECIALS + WORDS + ["###", "Instruction:", "Input:", "Response:"])}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  return transformers.PreTrainedTokenizerFast(
+    tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+  )
+
+
+def build(root: str, records: int = 48, seed: int = 0) -> dict[str, str]:
+  """Writes llm/, whisper/, ltu_as/ model folders, train.json and features/ under `root`; returns their paths."""
+  text = tokenizer()
+  llm_config = LlamaConfig(
+    vocab_size=len(text), hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2
+  )
+  paths = {name: os.path.join(root, name) for name in ("llm", "whisper", "ltu_as", "features")}
+  llm = Llama(llm_config, rngs=nnx.Rngs(seed))
+  # A wider output layer than the 0.02 init: a frozen random LLM must be able to express confident text.
+  llm.lm_head.kernel.set_value(llm.lm_head.kernel.get_value() * 25)
+  model_folder.save(
+    paths["llm"], llm, "llama",
+    extra={"bos_token_id": 1, "eos_token_ids": [2], "pad_token_id": 0}, tokenizer=text,
+  )
+  whisper_config = WhisperConfig(
+    num_mel_bins=80, d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32, decoder_layers=1,
+    decoder_attention_heads=2, decoder_ffn_dim=32, vocab_size=30, max_source_positions=500, max_target_positions=16,
+  )
+  model_folder.save(paths["whisper"], Whisper(whisper_config, rngs=nnx.Rngs(seed)), "whisper")
+  ltu_as.convert(None, paths["llm"], paths["whisper"], paths["ltu_as"], seed=seed)
+
+  rng = np.random.default_rng(seed)
+  os.makedirs(paths["features"])
+  rows = []
+  for i in range(records):
+    audio_id = f"/data/tiny/clips/set{i % 3}/clip{i}.wav"
+    np.savez_compressed(
+      os.path.join(paths["features"], data.feature_filename(audio_id)),
+      rng.normal(size=(2, 25, 16)).astype(np.float16),
+    )
+    # Templated text, so that a few steps can learn it (random words would sit at the uniform loss).
+    rows.append(dict(
+      instruction=["who is the speaker", "what was said", "sound of what"][i % 3],
+      input=["", "hello world", "the bell says hello"][int(rng.integers(3))],
+      output=f"the speaker is {['male', 'female'][i % 2]}",
+      audio_id=audio_id, dataset="tiny", task="test",
+    ))
+  paths["train"] = os.path.join(root, "train.json")
+  with open(paths["train"], "w") as f:
+    json.dump(rows, f)
+  return paths
+
+
+def overrides(paths: dict[str, str], output_dir: str, **more) -> list[str]:
+  """`--set` overrides that point tiny_stage3 at the built parts."""
+  fields = {
+    "model": paths["ltu_as"], "output_dir": output_dir, "data.train": paths["train"],
+    "data.features": paths["features"], "optim.batch_size": 8, "optim.micro_batch_size": 4,
+    "optim.lr": 1e-2, "optim.warmup_steps": 2, "log_every": 1, "checkpoint_every": 1, **more,
+  }
+  return [f"{key}={value}" for key, value in fields.items()]
