@@ -151,6 +151,48 @@ def with_lora_dropout(config, dropout: float):
   return dataclasses.replace(config, llm=dataclasses.replace(config.llm, lora=dataclasses.replace(lora, dropout=dropout)))
 
 
+def optimizer(c: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (Hugging Face's `adamw_torch` defaults) on the warm-up-then-linear-decay schedule."""
+  schedule = lr_schedule(c.optim.lr, c.optim.warmup_steps, total_steps)
+  tx = optax.adamw(schedule, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps, weight_decay=c.optim.weight_decay)
+  return tx, schedule
+
+
+@dataclasses.dataclass
+class TrainShardings:
+  """Where everything of a train step lives on the mesh."""
+
+  state: TrainState  # of NamedShardings
+  frozen: Any
+  mesh: jax.sharding.Mesh
+
+  @classmethod
+  def of(cls, params, frozen, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> "TrainShardings":
+    """From the logical axes of (abstract or concrete) trainable and frozen parameters."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    param_shardings = sharding.state_shardings(params, mesh)
+    # Optimizer moments take their parameters' shardings; scalars such as Adam's count are replicated.
+    opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings, transform_non_params=lambda _: replicated
+    )
+    return cls(TrainState(replicated, param_shardings, opt_shardings), sharding.state_shardings(frozen, mesh), mesh)
+
+  def batch(self, ndim: int) -> jax.sharding.NamedSharding:
+    """Batch arrays `[accum, batch, ...]`: the batch axis over the data-parallel mesh axes."""
+    spec = jax.sharding.PartitionSpec(None, ("data", "fsdp"), *([None] * (ndim - 2)))
+    return jax.sharding.NamedSharding(self.mesh, spec)
+
+
+def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule, shardings: TrainShardings):
+  """The train step jitted with explicit shardings, the state donated."""
+  return jax.jit(
+    make_train_step(graphdef, tx, schedule),
+    in_shardings=(shardings.state, shardings.frozen, None, None),
+    out_shardings=(shardings.state, None),
+    donate_argnums=(0,),
+  )
+
+
 def cast_floats(tree: Any, dtype: str) -> Any:
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
@@ -202,32 +244,14 @@ class Trainer:
     )
     self.total_steps = max(1, math.ceil(c.optim.epochs * self.loader.steps_per_epoch))
     self.last_step = self.total_steps if c.optim.max_steps <= 0 else min(self.total_steps, c.optim.max_steps)
-    self.schedule = lr_schedule(c.optim.lr, c.optim.warmup_steps, self.total_steps)
-    tx = optax.adamw(self.schedule, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps, weight_decay=c.optim.weight_decay)
-
-    self.param_shardings = sharding.state_shardings(params, self.mesh)
-    self.frozen = jax.device_put(frozen, sharding.state_shardings(frozen, self.mesh))
-    params = jax.device_put(params, self.param_shardings)
-    # Optimizer moments take their parameters' shardings; scalars such as Adam's count are replicated.
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    opt_shardings = optax.tree_map_params(
-      tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), self.param_shardings,
-      transform_non_params=lambda _: replicated,
-    )
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
-    self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    self.state = state
-    batch_spec = lambda ndim: jax.sharding.NamedSharding(
-      self.mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), *([None] * (ndim - 2)))
-    )
-    self.batch_sharding = batch_spec
-    self.step_fn = jax.jit(
-      make_train_step(self.graphdef, tx, self.schedule),
-      in_shardings=(self.state_shardings, jax.tree.map(lambda x: x.sharding, self.frozen), None, None),
-      out_shardings=(self.state_shardings, None),
-      donate_argnums=(0,),
-    )
+    tx, schedule = optimizer(c, self.total_steps)
+    shardings = TrainShardings.of(params, frozen, tx, self.mesh)
+    self.frozen = jax.device_put(frozen, shardings.frozen)
+    params = jax.device_put(params, shardings.state.params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.state.opt_state)(params)
+    self.state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.state.step), params, opt_state)
+    self.batch_sharding = shardings.batch
+    self.step_fn = jit_train_step(self.graphdef, tx, schedule, shardings)
     self.key = jax.random.key(c.seed)
     self.checkpoints = ocp.CheckpointManager(
       os.path.abspath(os.path.join(c.output_dir, "checkpoints")),
