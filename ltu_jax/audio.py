@@ -56,6 +56,18 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
   return waveform.astype(np.float32, copy=False)
 
 
+def load_each(paths: list[str], sample_rate: int = SAMPLE_RATE) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+  """Loads every file of a batch, going on past bad ones: (waveforms, errors), keyed by position in `paths`
+  (a path may be given twice)."""
+  waveforms, errors = {}, {}
+  for index, path in enumerate(paths):
+    try:
+      waveforms[index] = load_audio(path, sample_rate)
+    except (OSError, AudioError) as error:
+      errors[index] = str(error)
+  return waveforms, errors
+
+
 @functools.lru_cache(maxsize=None)
 def mel_filters(n_mels: int) -> np.ndarray:
   """Slaney-scale, slaney-normalized mel filters `[n_mels, N_FFT // 2 + 1]` float32, read-only.

@@ -136,12 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   with tqdm(total=len(args.audio), unit=" files", file=sys.stderr, disable=len(args.audio) < 2) as bar:
     for start in range(0, len(args.audio), args.batch_size):
       paths = args.audio[start : start + args.batch_size]
-      waveforms, errors = {}, {}  # by position in the batch: a path may be given twice
-      for index, path in enumerate(paths):
-        try:
-          waveforms[index] = audio.load_audio(path)
-        except (OSError, audio.AudioError) as error:
-          errors[index] = str(error)
+      waveforms, errors = audio.load_each(paths)
       texts = dict(zip(waveforms, transcribe_batch(loaded, list(waveforms.values()))))
       for index, path in enumerate(paths):
         if index in errors:
