@@ -227,16 +227,14 @@ def table(scores: dict[str, Score]) -> str:
 
 
 def compare(before: dict[str, Score], after: dict[str, Score]) -> str:
-  """Prints and returns a before/after table (e.g. the untrained and the trained model on one test set)."""
+  """A before/after table (e.g. the untrained and the trained model on one test set)."""
   rows = []
   for task in dict.fromkeys([*before, *after]):
     first, second = before.get(task), after.get(task)
     known = first or second
     values = [first and first.value, second and second.value, known.chance]
     rows.append([*_row_start(task, known), *map(_number, values)])
-  text = _table(["task", "metric", "n", "before", "after", "chance"], rows)
-  print(text)
-  return text
+  return _table(["task", "metric", "n", "before", "after", "chance"], rows)
 
 
 # ---------------------------------------------------------------------------------------------------

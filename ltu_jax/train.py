@@ -28,6 +28,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx, struct
+from jax.experimental import multihost_utils
 
 from ltu_jax import data, model_folder, sharding
 from ltu_jax.models.lora import LoRAParam
@@ -327,12 +328,15 @@ class Trainer:
   def write_model(self) -> str:
     """The trained LTU-AS as a model folder (what the next stage takes as `model`)."""
     out = os.path.join(self.config.output_dir, "model")
-    if os.path.exists(out):
-      shutil.rmtree(out)
-    parent = model_folder.load(self.config.model)
-    params = jax.device_get(self.state.params)
-    nnx.update(parent.model, params)
-    model_folder.save_like(out, parent.model, parent)
+    # Every process takes part in gathering the parameters; process 0 writes them.
+    params = multihost_utils.process_allgather(self.state.params, tiled=True)
+    if jax.process_index() == 0:
+      if os.path.exists(out):
+        shutil.rmtree(out)
+      parent = model_folder.load(self.config.model)
+      nnx.update(parent.model, params)
+      model_folder.save_like(out, parent.model, parent)
+    multihost_utils.sync_global_devices("model written")
     return out
 
 
@@ -365,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--process-id", type=int, default=0)
   args = parser.parse_args(argv)
   if args.coordinator:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes; accelerators use their own
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   config = load_config(args.config, args.set)
   print(f"trained model: {Trainer(config).run()}", file=sys.stderr)
