@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
@@ -95,6 +95,7 @@ def load_llama(
   source: str = "checkpoint",
   fresh_lora: bool = False,
   seed: int = 0,
+  allocate: Callable[[str, tuple[int, ...], np.dtype], np.ndarray] | None = None,
 ) -> Llama:
   """Builds our model from Hugging Face (or peft) `(key, array)` pairs; see `build_llama`."""
   tensors = ((normalize_peft_key(k), v) for k, v in tensors)
@@ -110,11 +111,13 @@ def build_llama(
   strict: bool = True,
   fresh_lora: bool = False,
   seed: int = 0,
+  allocate: Callable[[str, tuple[int, ...], np.dtype], np.ndarray] | None = None,
 ) -> Llama:
   """Builds our model from `(key, array)` pairs named as `table` says (any format).
 
   Weights are cast to `config.param_dtype` as they arrive; `fresh_lora` keeps newly initialised adapters
-  (B = 0) for the LoRA targets of `config`; `strict=False` ignores keys that no rule maps.
+  (B = 0) for the LoRA targets of `config`; `strict=False` ignores keys that no rule maps; `allocate`
+  makes the target arrays (see `rules.load`).
   """
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(seed))))
   keep = lambda path: False
@@ -123,7 +126,7 @@ def build_llama(
     adapters = jax.jit(lambda: nnx.state(Llama(config, rngs=nnx.Rngs(seed)), LoRAParam))()
     state = nnx.merge_state(state, adapters)
     keep = {rules.path_str(path) for path, _ in nnx.to_flat_state(adapters)}.__contains__
-  return nnx.merge(graphdef, rules.load(tensors, table, state, source=source, strict=strict, keep=keep))
+  return nnx.merge(graphdef, rules.load(tensors, table, state, source=source, strict=strict, keep=keep, allocate=allocate))
 
 
 @dataclasses.dataclass

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import tempfile
 from typing import Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from conversion import gguf_llama, hf_llama
@@ -43,10 +46,22 @@ def convert(
 
   tokenizer = transformers.AutoTokenizer.from_pretrained(**checkpoint.tokenizer_args)
   tensors = tqdm(checkpoint.tensors, total=checkpoint.count, desc=os.path.basename(source), unit="tensor")
-  model = build_llama(
-    checkpoint.config, tensors, checkpoint.table, source=checkpoint.source, strict=strict, fresh_lora=lora is not None
-  )
-  model_folder.save(out, model, "llama", extra=checkpoint.special_tokens, tokenizer=tokenizer)
+  # Beside OUT rather than in /tmp: the same disk as the result, and /tmp may be RAM (tmpfs).
+  parent = os.path.dirname(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}-", dir=parent)
+
+  def allocate(path: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return np.lib.format.open_memmap(os.path.join(scratch, f"{path}.npy"), mode="w+", dtype=dtype, shape=shape)
+
+  try:
+    model = build_llama(
+      checkpoint.config, tensors, checkpoint.table, source=checkpoint.source, strict=strict,
+      fresh_lora=lora is not None, allocate=allocate,
+    )
+    model_folder.save(out, model, "llama", extra=checkpoint.special_tokens, tokenizer=tokenizer)
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

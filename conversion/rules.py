@@ -71,6 +71,7 @@ def load(
   source: str = "checkpoint",
   strict: bool = True,
   keep: Callable[[str], bool] = lambda path: False,
+  allocate: Callable[[str, tuple[int, ...], np.dtype], np.ndarray] | None = None,
 ) -> nnx.State:
   """Fills `state` (abstract or concrete) from `(key, array)` pairs according to `rules`.
 
@@ -83,9 +84,15 @@ def load(
       `state` (which must then be concrete) and ignore unexpected keys.
     keep: target paths that the checkpoint is not expected to hold and that keep their `state`
       value (fresh LoRA adapters on a base model).
+    allocate: `(target path, shape, dtype)` → the array to fill for that target; `numpy.empty` by
+      default. A converter passes file-backed arrays (`numpy.lib.format.open_memmap`) so that the
+      filled targets are page cache the kernel can write out and reclaim, not anonymous memory: the
+      peak then follows the largest tensor rather than the model.
   Returns:
     A state of numpy arrays with the structure of `state`.
   """
+  if allocate is None:
+    allocate = lambda path, shape, dtype: np.empty(shape, dtype)
   rules = list(rules)
   compiled = [(rule, rule.pattern) for rule in rules]
   flat = {path_str(path): var for path, var in nnx.to_flat_state(state)}
@@ -122,7 +129,7 @@ def load(
           reported.add((rule.target, layer))
           continue
         if rule.target not in out:
-          out[rule.target] = np.empty(shape, dtype)
+          out[rule.target] = allocate(rule.target, shape, dtype)
           filled[rule.target] = np.zeros(shape[0], bool)
         out[rule.target][layer] = value
         filled[rule.target][layer] = True
@@ -131,7 +138,9 @@ def load(
           misshaped.append(f"{key}: {got}, expected {tuple(shape)} for {rule.target}")
           reported.add((rule.target, None))
           continue
-        out[rule.target] = value.astype(dtype)
+        if rule.target not in out:
+          out[rule.target] = allocate(rule.target, shape, dtype)
+        out[rule.target][...] = value  # cast to the target dtype on the way in
         filled[rule.target] = np.ones((), bool)
     if not matched:
       unexpected.append(key)

@@ -73,6 +73,23 @@ class Loaded:
   folder: str
 
 
+def _save_handlers() -> Any:
+  """Orbax's standard type handlers, except that numpy arrays are written in place, not deep-copied.
+
+  Orbax copies host arrays so that an asynchronous save survives their mutation; `save` returns only
+  once the checkpoint is written, so the copy buys nothing and would hold a second copy of the model
+  (a converter's memory-mapped weights would become anonymous memory). The format is the standard one.
+  """
+  handlers = ocp.type_handlers
+  return handlers.create_type_handler_registry(
+    (int, handlers.ScalarHandler()),
+    (float, handlers.ScalarHandler()),
+    (np.number, handlers.ScalarHandler()),
+    (np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False)),
+    (jax.Array, handlers.ArrayHandler()),
+  )
+
+
 def save(folder: str | os.PathLike, model: nnx.Module, kind: str, extra: dict[str, Any] | None = None, tokenizer: Any = None) -> None:
   """Writes `model` (its config, its parameters) and `tokenizer` (`save_pretrained`) to a new folder."""
   folder = os.path.abspath(folder)
@@ -81,8 +98,8 @@ def save(folder: str | os.PathLike, model: nnx.Module, kind: str, extra: dict[st
   os.makedirs(folder, exist_ok=True)
   if os.path.exists(os.path.join(folder, PARAMS_DIR)):
     raise FileExistsError(f"{folder} already holds a model; choose a new output folder")
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(folder, PARAMS_DIR), nnx.to_pure_dict(nnx.state(model)))
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=_save_handlers())) as checkpointer:
+    checkpointer.save(os.path.join(folder, PARAMS_DIR), args=ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model))))
   if tokenizer is not None:
     tokenizer.save_pretrained(folder)
   manifest = {"kind": kind, "config": config_to_dict(model.config), "extra": extra or {}}
