@@ -90,6 +90,12 @@ def _save_handlers() -> Any:
   )
 
 
+def this_process() -> ocp.options.MultiprocessingOptions:
+  """A model folder is read and written by one process alone: no barriers with the other processes of a
+  multi-process run (the trainer writes its model from process 0 only)."""
+  return ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+
+
 def save(folder: str | os.PathLike, model: nnx.Module, kind: str, extra: dict[str, Any] | None = None, tokenizer: Any = None) -> None:
   """Writes `model` (its config, its parameters) and `tokenizer` (`save_pretrained`) to a new folder."""
   folder = os.path.abspath(folder)
@@ -98,7 +104,8 @@ def save(folder: str | os.PathLike, model: nnx.Module, kind: str, extra: dict[st
   os.makedirs(folder, exist_ok=True)
   if os.path.exists(os.path.join(folder, PARAMS_DIR)):
     raise FileExistsError(f"{folder} already holds a model; choose a new output folder")
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=_save_handlers())) as checkpointer:
+  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_save_handlers(), multiprocessing_options=this_process())
+  with ocp.Checkpointer(handler, multiprocessing_options=this_process()) as checkpointer:
     checkpointer.save(os.path.join(folder, PARAMS_DIR), args=ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model))))
   if tokenizer is not None:
     tokenizer.save_pretrained(folder)
@@ -150,8 +157,10 @@ def load(
   if configure is not None:
     config = configure(config)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0))))
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(abstract))
-  with ocp.StandardCheckpointer() as checkpointer:
+  # On this process's first device: the saved placement may name devices another process does not have.
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), nnx.to_pure_dict(abstract))
+  with ocp.StandardCheckpointer(multiprocessing_options=this_process()) as checkpointer:
     restored = checkpointer.restore(os.path.join(folder, PARAMS_DIR), target)
   nnx.replace_by_pure_dict(abstract, restored)
   text = None

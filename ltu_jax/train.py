@@ -194,6 +194,13 @@ def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sch
   )
 
 
+def place(tree: Any, shardings: Any) -> Any:
+  """Host arrays (the same on every process) onto their shardings, each process filling its own devices."""
+  return jax.tree.map(
+    lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda index: np.asarray(x[index])), tree, shardings
+  )
+
+
 def cast_floats(tree: Any, dtype: str) -> Any:
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
@@ -247,10 +254,10 @@ class Trainer:
     self.last_step = self.total_steps if c.optim.max_steps <= 0 else min(self.total_steps, c.optim.max_steps)
     tx, schedule = optimizer(c, self.total_steps)
     shardings = TrainShardings.of(params, frozen, tx, self.mesh)
-    self.frozen = jax.device_put(frozen, shardings.frozen)
-    params = jax.device_put(params, shardings.state.params)
+    self.frozen = place(frozen, shardings.frozen)
+    params = place(params, shardings.state.params)
     opt_state = jax.jit(tx.init, out_shardings=shardings.state.opt_state)(params)
-    self.state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.state.step), params, opt_state)
+    self.state = TrainState(place(np.zeros((), np.int32), shardings.state.step), params, opt_state)
     self.batch_sharding = shardings.batch
     self.step_fn = jit_train_step(self.graphdef, tx, schedule, shardings)
     self.key = jax.random.key(c.seed)

@@ -163,11 +163,10 @@ def test_score_rules_on_crafted_answers(test_records):
   assert all(empty[t].value == 0.0 for t in ("gender", "speed", "pitch", "sound"))
 
 
-def test_compare_prints_both_columns(capsys):
+def test_compare_has_both_columns():
   before = {"gender": ltu_eval.Score("accuracy", 50.0, 10, 60.0), "asr": ltu_eval.Score("WER", 120.0, 10, 100.0)}
   after = {"gender": ltu_eval.Score("accuracy", 90.0, 10, 60.0), "asr": ltu_eval.Score("WER", 5.0, 10, 100.0)}
   text = ltu_eval.compare(before, after)
-  assert capsys.readouterr().out.strip() == text.strip()
   header, _, gender, asr = text.splitlines()
   assert header.split() == ["task", "metric", "n", "before", "after", "chance"]
   assert gender.split() == ["gender", "accuracy", "%", "10", "50.0", "90.0", "60.0"]

@@ -150,24 +150,3 @@ def test_bad_record_is_named_before_training(parts, tmp_path):
   )
   train.Trainer(skipping).run()
 
-
-def test_two_processes_equal_one_process_with_two_devices(parts, tmp_path):
-  """jax.distributed on localhost (CPU collectives over gloo): each process loads its half of every batch."""
-  more = {"optim.max_steps": 3, "lora_dropout": 0.0, "optim.micro_batch_size": 2}
-  args = lambda out: ["--config", "tiny_stage3", *[a for o in train_setup.overrides(parts, out, **more) for a in ("--set", o)]]
-  two_devices = run_cli(args(str(tmp_path / "one")), XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  _, err = two_devices.communicate(timeout=600)
-  assert two_devices.returncode == 0, err[-3000:]
-  # Started after the reference run so that the two processes, whose collectives wait on each other, share
-  # the cores only with each other.
-  port = 20000 + os.getpid() % 20000
-  workers = [
-    run_cli([*args(str(tmp_path / "two")), "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)], JAX_PLATFORMS="cpu")
-    for i in range(2)
-  ]
-  for process in workers:
-    _, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err[-3000:]
-  np.testing.assert_allclose(losses(str(tmp_path / "two")), losses(str(tmp_path / "one")), rtol=SHARDED_TOL, atol=0)
-  for ours, theirs in zip(trained_params(str(tmp_path / "two")), trained_params(str(tmp_path / "one")), strict=True):
-    np.testing.assert_allclose(ours, theirs, rtol=SHARDED_TOL, atol=SHARDED_TOL)

@@ -76,6 +76,7 @@ def overrides(paths: dict[str, str], output_dir: str, **more) -> list[str]:
   fields = {
     "model": paths["ltu_as"], "output_dir": output_dir, "data.train": paths["train"],
     "data.features": paths["features"], "optim.batch_size": 8, "optim.micro_batch_size": 4,
-    "optim.lr": 1e-2, "optim.warmup_steps": 2, "log_every": 1, "checkpoint_every": 1, **more,
+    "optim.lr": 1e-2, "optim.warmup_steps": 2, "optim.epochs": 4.0, "data.train_on_inputs": True,
+    "log_every": 1, "checkpoint_every": 1, **more,
   }
   return [f"{key}={value}" for key, value in fields.items()]
