@@ -217,6 +217,7 @@ class Trainer:
     model = self.loaded.model
     self.graphdef, params, frozen = nnx.split(model, trainable_filter(c.trainable), ...)
     frozen = cast_floats(frozen, c.precision.frozen)
+    params = cast_floats(params, "float32")  # fp32 masters, whatever dtype the folder stores
 
     dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     if c.optim.batch_size % (c.optim.micro_batch_size * dp):
