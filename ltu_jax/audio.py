@@ -15,7 +15,10 @@ the references is off by up to ~5e-5 (normalized units) near the floor on tonal 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import sys
+from typing import Any, Callable
 
 import librosa
 import numpy as np
@@ -66,6 +69,41 @@ def load_each(paths: list[str], sample_rate: int = SAMPLE_RATE) -> tuple[dict[in
     except (OSError, AudioError) as error:
       errors[index] = str(error)
   return waveforms, errors
+
+
+def answer_files(
+  paths: list[str],
+  batch_size: int,
+  respond: Callable[[dict[int, np.ndarray], int], dict[int, tuple[dict[str, Any], str]]],
+  jsonl: bool,
+) -> int:
+  """The command-line loop of transcribe and infer: audio files in batches, one output line per file, in order.
+
+  `respond(waveforms, batch_index)` gets a batch's loaded clips by position and returns, by the same
+  positions, `(fields, text)`: `text` is printed, or with `jsonl` the line `{"audio": PATH, **fields}`. A file
+  that cannot be loaded is reported in its place (stderr; an `{"audio", "error"}` line with `jsonl`) and the
+  others go on. Returns the exit status: 1 if any file failed.
+  """
+  from tqdm import tqdm
+
+  failed = 0
+  with tqdm(total=len(paths), unit=" files", file=sys.stderr, disable=len(paths) < 2) as bar:
+    for batch, start in enumerate(range(0, len(paths), batch_size)):
+      chunk = paths[start : start + batch_size]
+      waveforms, errors = load_each(chunk)
+      results = respond(waveforms, batch) if waveforms else {}
+      for index, path in enumerate(chunk):
+        if index in errors:
+          failed += 1
+          bar.write(f"error: {errors[index]}", file=sys.stderr)
+          line = {"audio": path, "error": errors[index]} if jsonl else None
+        else:
+          fields, text = results[index]
+          line = {"audio": path, **fields} if jsonl else text
+        if line is not None:
+          print(json.dumps(line, ensure_ascii=False) if jsonl else line, flush=True)
+      bar.update(len(chunk))
+  return 1 if failed else 0
 
 
 @functools.lru_cache(maxsize=None)

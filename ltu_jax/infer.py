@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import re
 import sys
@@ -28,7 +27,6 @@ from typing import NamedTuple, Sequence
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from ltu_jax import audio, data, model_folder, transcribe
 from ltu_jax.generate import LTU_AS_SAMPLING, SamplingConfig, generate, left_pad
@@ -225,32 +223,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(str(error))
   sampling, key = sampling_from_args(args), jax.random.key(args.seed)
 
-  failed = 0
-  with tqdm(total=len(args.audio), unit=" files", file=sys.stderr, disable=len(args.audio) < 2) as bar:
-    for batch, start in enumerate(range(0, len(args.audio), args.batch_size)):
-      paths = args.audio[start : start + args.batch_size]
-      waveforms, errors = audio.load_each(paths)
-      if waveforms:
-        heard = hear(loaded, list(waveforms.values()), args.mode)
-        answers = respond(
-          loaded, [args.question] * len(waveforms), heard.transcripts, heard.features,
-          mode=args.mode, sampling=sampling, key=jax.random.fold_in(key, batch),
-        )
-        transcripts = heard.transcripts or [None] * len(waveforms)
-        results = dict(zip(waveforms, zip(transcripts, answers)))
-      for index, path in enumerate(paths):
-        if index in errors:
-          failed += 1
-          bar.write(f"error: {errors[index]}", file=sys.stderr)
-          if args.jsonl:
-            print(json.dumps({"audio": path, "error": errors[index]}, ensure_ascii=False), flush=True)
-          continue
-        transcript, text = results[index]
-        line = {"audio": path, "question": args.question, "transcript": transcript, "answer": text}
-        print(json.dumps(line, ensure_ascii=False) if args.jsonl else text, flush=True)
-      bar.update(len(paths))
-  return 1 if failed else 0
+  def respond_batch(waveforms: dict[int, np.ndarray], batch: int) -> dict[int, tuple[dict, str]]:
+    heard = hear(loaded, list(waveforms.values()), args.mode)
+    answers = respond(
+      loaded, [args.question] * len(waveforms), heard.transcripts, heard.features,
+      mode=args.mode, sampling=sampling, key=jax.random.fold_in(key, batch),
+    )
+    transcripts = heard.transcripts or [None] * len(waveforms)
+    return {
+      index: ({"question": args.question, "transcript": transcript, "answer": text}, text)
+      for index, transcript, text in zip(waveforms, transcripts, answers)
+    }
 
+  return audio.answer_files(args.audio, args.batch_size, respond_batch, args.jsonl)
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from typing import Sequence
 
@@ -26,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from ltu_jax import audio, model_folder
 from ltu_jax.models.layers import KVCache
@@ -132,24 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if loaded.kind != "whisper":
     parser.error(f"{args.model} holds a {loaded.kind} model, not a Whisper")
 
-  failed = 0
-  with tqdm(total=len(args.audio), unit=" files", file=sys.stderr, disable=len(args.audio) < 2) as bar:
-    for start in range(0, len(args.audio), args.batch_size):
-      paths = args.audio[start : start + args.batch_size]
-      waveforms, errors = audio.load_each(paths)
-      texts = dict(zip(waveforms, transcribe_batch(loaded, list(waveforms.values()))))
-      for index, path in enumerate(paths):
-        if index in errors:
-          failed += 1
-          bar.write(f"error: {errors[index]}", file=sys.stderr)
-          if args.jsonl:
-            print(json.dumps({"audio": path, "error": errors[index]}, ensure_ascii=False), flush=True)
-        else:
-          text = texts[index]
-          print(json.dumps({"audio": path, "text": text}, ensure_ascii=False) if args.jsonl else text, flush=True)
-      bar.update(len(paths))
-  return 1 if failed else 0
+  def respond(waveforms: dict[int, np.ndarray], batch: int) -> dict[int, tuple[dict, str]]:
+    texts = transcribe_batch(loaded, list(waveforms.values()))
+    return {index: ({"text": text}, text) for index, text in zip(waveforms, texts)}
 
+  return audio.answer_files(args.audio, args.batch_size, respond, args.jsonl)
 
 if __name__ == "__main__":
   sys.exit(main())
