@@ -1,18 +1,21 @@
-"""Peak memory of `python -m conversion.llm` against checkpoint size, on a synthetic LLaMA checkpoint.
+"""Peak memory of `python -m conversion.llm` against checkpoint size, on synthetic LLaMA checkpoints.
 
-    .venv/bin/python bench/conversion_memory.py [--size-gb 3] [--layers N] [--dir PATH] [--keep]
+    .venv/bin/python bench/conversion_memory.py [--size-gb 1.5 3 6] [--dir PATH]
 
-Writes a Hugging Face LLaMA folder of about `--size-gb` GB (hidden 2048, intermediate 5632, 32 heads,
-4 KV heads, vocab 32000, untied embeddings: TinyLlama's shapes; the layer count sets the size), fp32
-random weights in sharded safetensors with an index, each tensor generated and written on its own so
-that this process never holds the checkpoint, plus a small tokenizer. It then converts the folder in a
-subprocess and samples the child's /proc status every 50 ms:
+For each size, writes a Hugging Face LLaMA folder of about that many GB (hidden 2048, intermediate
+5632, 32 heads, 4 KV heads, vocab 32000, untied embeddings: TinyLlama's shapes; the layer count sets
+the size; the largest tensor, the 262 MB embedding, is the same at every size), fp32 random weights in
+sharded safetensors with an index, each tensor generated and written on its own so that this process
+never holds the checkpoint, plus a small tokenizer. It converts the folder in a subprocess and samples
+the child's /proc status every 50 ms:
   VmRSS    resident memory, including file pages (the memory-mapped targets, the safetensors file)
   RssAnon  anonymous memory: what the process needs, as opposed to page cache the kernel can reclaim
-A second subprocess that only imports the converter gives the baseline (Python, jax, transformers), so
-the verdict compares the anonymous memory the conversion adds with the largest tensor and the model.
-Everything it writes lives in a temporary folder under `--dir` (on disk, not /tmp, which may be RAM)
-and is deleted at the end unless `--keep`.
+  maxrss   the kernel's own VmRSS high-water mark
+  RssFile  file pages
+A subprocess that imports the converter and loads the tokenizer gives the baseline subtracted from
+each figure. The verdict is how fast the anonymous memory grows with the model: flat means it follows
+the largest tensor. Everything lives in a temporary folder under `--dir` (on disk, not /tmp, which may
+be RAM), deleted at the end.
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ import numpy as np
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5632, 32, 4, 32000
 SHARD_BYTES = 1 << 30
 GB = 1e9
+PEAKS = ("RssAnon", "VmRSS", "maxrss", "RssFile")
+# What the converter does besides converting: imports, the tokenizer, jax on CPU.
+BASELINE = (
+  "import sys, conversion.llm, transformers, jax; jax.numpy.zeros(1); "
+  "transformers.AutoTokenizer.from_pretrained(sys.argv[1])"
+)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -163,43 +172,48 @@ def run_sampled(args: list[str], interval: float = 0.05) -> dict[str, float]:
   return peaks
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--size-gb", type=float, default=3.0, help="approximate checkpoint size (sets the layer count)")
-  parser.add_argument("--layers", type=int, help="layer count (overrides --size-gb)")
-  parser.add_argument("--dir", default=REPO, help="where the temporary folder goes (a disk, not tmpfs)")
-  parser.add_argument("--keep", action="store_true", help="keep the checkpoint and model folder")
-  args = parser.parse_args()
-  layers = args.layers or layers_for(args.size_gb)
-  work = tempfile.mkdtemp(prefix=".conversion_memory-", dir=args.dir)
-  try:
-    source, out = os.path.join(work, "hf"), os.path.join(work, "model")
-    t = time.time()
-    total, largest = write_checkpoint(source, layers)
-    print(f"checkpoint: {layers} layers, {total / GB:.2f} GB fp32, largest tensor {largest / 1e6:.0f} MB "
-          f"(written in {time.time() - t:.0f} s)", flush=True)
-    base = run_sampled([sys.executable, "-c", "import conversion.llm, transformers, jax; jax.numpy.zeros(1)"])
-    conv = run_sampled([sys.executable, "-m", "conversion.llm", source, out])
-    print(f"converted in {conv['seconds']:.0f} s; model folder {du(out) / GB:.2f} GB")
-    print(f"{'':>22}{'import only':>14}{'conversion':>14}{'added':>10}{'/ largest':>11}{'/ model':>9}")
-    for key in ("RssAnon", "VmRSS", "maxrss", "RssFile", "RssShmem"):
-      added = conv.get(key, 0.0) - base.get(key, 0.0)
-      print(f"{'peak ' + key + ' (MB)':>22}{base.get(key, 0.0):>14.0f}{conv.get(key, 0.0):>14.0f}{added:>10.0f}"
-            f"{added * 1e6 / largest:>11.2f}{added * 1e6 / total:>9.2f}")
-    added = (conv["RssAnon"] - base["RssAnon"]) * 1e6
-    verdict = "follows the largest tensor" if added < 0.25 * total else "follows the model"
-    print(f"verdict: the conversion adds {added / 1e6:.0f} MB of anonymous memory over the import baseline, "
-          f"{added / largest:.1f}x the largest tensor and {added / total:.2f}x the {total / GB:.2f} GB model: "
-          f"{verdict}.")
-  finally:
-    if args.keep:
-      print(f"kept {work}")
-    else:
-      shutil.rmtree(work, ignore_errors=True)
-
-
 def du(folder: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+def measure(work: str, layers: int, base: dict[str, float]) -> dict[str, float]:
+  """Writes a checkpoint of `layers` layers under `work`, converts it, prints a row; returns the row."""
+  source, out = os.path.join(work, f"hf{layers}"), os.path.join(work, f"model{layers}")
+  total, largest = write_checkpoint(source, layers)
+  conv = run_sampled([sys.executable, "-m", "conversion.llm", source, out])
+  row = {"model": total / GB, "largest": largest / 1e6, "layers": layers, "seconds": conv["seconds"],
+         "folder": du(out) / GB, **{key: conv.get(key, 0.0) - base.get(key, 0.0) for key in PEAKS}}
+  print(f"{row['model']:>9.2f}{layers:>8}{row['largest']:>10.0f}{row['folder']:>9.2f}{row['seconds']:>6.0f}"
+        + "".join(f"{row[key]:>10.0f}" for key in PEAKS), flush=True)
+  shutil.rmtree(source)
+  shutil.rmtree(out)
+  return row
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--size-gb", type=float, nargs="+", default=[1.5, 3.0, 6.0],
+                      help="approximate checkpoint sizes, one conversion each (each sets the layer count)")
+  parser.add_argument("--dir", default=REPO, help="where the temporary folder goes (a disk, not tmpfs)")
+  args = parser.parse_args()
+  work = tempfile.mkdtemp(prefix=".conversion_memory-", dir=args.dir)
+  try:
+    tokenizer = os.path.join(work, "tokenizer")
+    write_tokenizer(tokenizer)
+    base = run_sampled([sys.executable, "-c", BASELINE, tokenizer])
+    print("baseline (imports, tokenizer, jax): " + ", ".join(f"{key} {base[key]:.0f} MB" for key in PEAKS))
+    print("peak memory added by the conversion over the baseline, MB")
+    print(f"{'model GB':>9}{'layers':>8}{'largest':>10}{'out GB':>9}{'s':>6}" + "".join(f"{key:>10}" for key in PEAKS))
+    rows = [measure(work, layers_for(size), base) for size in args.size_gb]
+    if len(rows) > 1:
+      first, last = rows[0], rows[-1]
+      slope = (last["RssAnon"] - first["RssAnon"]) / (last["model"] - first["model"])
+      verdict = "follows the largest tensor" if slope < 100 else "follows the model"
+      print(f"verdict: anonymous memory grows {slope:.0f} MB per GB of model from {first['model']:.1f} to "
+            f"{last['model']:.1f} GB and stays {max(r['RssAnon'] for r in rows) / last['largest']:.1f}x the "
+            f"largest tensor ({last['largest']:.0f} MB): {verdict}.")
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

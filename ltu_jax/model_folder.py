@@ -104,7 +104,12 @@ def save(folder: str | os.PathLike, model: nnx.Module, kind: str, extra: dict[st
   os.makedirs(folder, exist_ok=True)
   if os.path.exists(os.path.join(folder, PARAMS_DIR)):
     raise FileExistsError(f"{folder} already holds a model; choose a new output folder")
-  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_save_handlers(), multiprocessing_options=this_process())
+  # Uncompressed: tensorstore then writes each array straight from its (memory-mapped) buffer, so saving
+  # a converter's output adds no memory; zstd would hold every encoded array until it is written, about
+  # the model's size, to save ~8% of disk on fp32 weights.
+  handler = ocp.PyTreeCheckpointHandler(
+    use_compression=False, type_handler_registry=_save_handlers(), multiprocessing_options=this_process()
+  )
   with ocp.Checkpointer(handler, multiprocessing_options=this_process()) as checkpointer:
     checkpointer.save(os.path.join(folder, PARAMS_DIR), args=ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model))))
   if tokenizer is not None:
