@@ -96,11 +96,43 @@ def this_process() -> ocp.options.MultiprocessingOptions:
   return ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
 
 
+def _process_local_state(model: nnx.Module) -> dict[str, Any]:
+  """The model's parameters as orbax can write them from one process of a multi-process run.
+
+  In such a run orbax's `ArrayHandler` refuses every fully addressable `jax.Array` (it takes them for
+  pmap outputs), even when only this process saves: the arrays go to it as host numpy arrays, which
+  `NumpyHandler` writes, though only on process 0 (orbax's own rule, whatever the primary host).
+  """
+  state = nnx.to_pure_dict(nnx.state(model))
+  if jax.process_count() == 1:
+    return state
+  if jax.process_index() != 0:
+    raise ValueError(
+      f"process {jax.process_index()} of {jax.process_count()} cannot write a model folder: in a multi-process "
+      "run orbax writes one process's arrays from process 0 only"
+    )
+
+  def host(path: tuple[Any, ...], x: Any) -> Any:
+    if not isinstance(x, jax.Array):
+      return x
+    if not x.is_fully_addressable:
+      raise ValueError(
+        f"parameter {jax.tree_util.keystr(path)} is sharded over several processes; gather it first "
+        "(jax.experimental.multihost_utils.process_allgather): a model folder is written by one process"
+      )
+    return np.asarray(x)
+
+  return jax.tree_util.tree_map_with_path(host, state)
+
+
 def save(folder: str | os.PathLike, model: nnx.Module, kind: str, extra: dict[str, Any] | None = None, tokenizer: Any = None) -> None:
-  """Writes `model` (its config, its parameters) and `tokenizer` (`save_pretrained`) to a new folder."""
+  """Writes `model` (its config, its parameters) and `tokenizer` (`save_pretrained`) to a new folder.
+
+  In a multi-process run only process 0 may call it, with arrays it holds whole (see `this_process`)."""
   folder = os.path.abspath(folder)
   if kind not in KINDS:
     raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(KINDS)}")
+  state = _process_local_state(model)  # before anything is written: it may refuse this process
   os.makedirs(folder, exist_ok=True)
   if os.path.exists(os.path.join(folder, PARAMS_DIR)):
     raise FileExistsError(f"{folder} already holds a model; choose a new output folder")
@@ -111,7 +143,7 @@ def save(folder: str | os.PathLike, model: nnx.Module, kind: str, extra: dict[st
     use_compression=False, type_handler_registry=_save_handlers(), multiprocessing_options=this_process()
   )
   with ocp.Checkpointer(handler, multiprocessing_options=this_process()) as checkpointer:
-    checkpointer.save(os.path.join(folder, PARAMS_DIR), args=ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model))))
+    checkpointer.save(os.path.join(folder, PARAMS_DIR), args=ocp.args.PyTreeSave(state))
   if tokenizer is not None:
     tokenizer.save_pretrained(folder)
   manifest = {"kind": kind, "config": config_to_dict(model.config), "extra": extra or {}}

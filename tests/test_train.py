@@ -1,10 +1,12 @@
-"""The trainer: loss falls, the same run on 1 and 8 devices, exact resume after SIGKILL, NaN stops."""
+"""The trainer: loss falls, the same run on 1 and 8 devices and on 1 and 2 processes, exact resume after
+SIGKILL, NaN stops."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -98,6 +100,48 @@ def test_one_device_equals_eight(parts, tmp_path):
     np.testing.assert_allclose(losses(run), losses(single), rtol=SHARDED_TOL, atol=0)
     for ours, theirs in zip(trained_params(run), reference, strict=True):
       np.testing.assert_allclose(ours, theirs, rtol=SHARDED_TOL, atol=SHARDED_TOL)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(parts, tmp_path):
+  """2 processes × 1 CPU device (jax.distributed, gloo collectives) train as 1 process × 2 devices, and
+  both exit 0: a process that fails leaves the other at a barrier and both abort at JAX's shutdown."""
+  more = {"optim.max_steps": 3, "lora_dropout": 0.0}
+  args = lambda out: ["--config", "tiny_stage3", *[a for o in train_setup.overrides(parts, out, **more) for a in ("--set", o)]]
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  distributed = ["--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
+  runs = {
+    "one": (args(one), "--xla_force_host_platform_device_count=2"),
+    **{f"two.{i}": ([*args(two), *distributed, "--process-id", str(i)], "--xla_force_host_platform_device_count=1") for i in range(2)},
+  }
+  processes = {}
+  for name, (argv, xla_flags) in runs.items():
+    with open(tmp_path / f"{name}.log", "w") as log:  # files, not pipes: a full pipe would stall a process
+      processes[name] = subprocess.Popen(
+        [sys.executable, "-u", "-m", "ltu_jax.train", *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env=dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu"),
+      )
+  deadline = time.time() + 240  # ~1 min on 2 busy cores; a process stuck at a barrier would wait 5
+  try:
+    codes = {name: process.wait(timeout=max(deadline - time.time(), 0)) for name, process in processes.items()}
+  except subprocess.TimeoutExpired:
+    codes = {name: process.poll() for name, process in processes.items()}  # None: still running
+  finally:
+    for process in processes.values():
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  logs = {name: (tmp_path / f"{name}.log").read_text()[-3000:] for name in processes}
+  assert codes == {name: 0 for name in processes}, logs
+  assert len(losses(one)) == 3 and len(losses(two)) == 3  # process 0 alone logs
+  np.testing.assert_allclose(losses(two), losses(one), rtol=SHARDED_TOL, atol=0)
+  for ours, theirs in zip(trained_params(two), trained_params(one), strict=True):
+    np.testing.assert_allclose(ours, theirs, rtol=SHARDED_TOL, atol=SHARDED_TOL)
 
 
 def test_resume_after_sigkill_is_bitwise_identical(parts, tmp_path):
