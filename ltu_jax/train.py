@@ -371,7 +371,9 @@ def metrics_writers(output_dir: str):
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, help="a config name in configs/ (stage1, tiny_stage3, ...) or a path")
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+  parser.add_argument(
+    "--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override config fields (repeatable)"
+  )
   parser.add_argument("--coordinator", help="host:port of process 0, for multi-process runs (jax.distributed)")
   parser.add_argument("--num-processes", type=int, default=1)
   parser.add_argument("--process-id", type=int, default=0)
