@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_on_inputs = True  # the original computes the loss over the whole text
   c.data.padding_side = "left"
   c.data.pad_to_multiple_of = 8
+  c.data.group_by_length = True  # batches of similar lengths (HF's group_by_length): little padding
   c.data.skip_bad_records = False
   c.data.workers = 0
 

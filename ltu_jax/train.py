@@ -245,6 +245,7 @@ class Trainer:
       train_on_inputs=c.data.train_on_inputs,
       padding_side=c.data.padding_side,
       pad_to_multiple_of=c.data.pad_to_multiple_of,
+      group_by_length=c.data.group_by_length,
       bos_id=extra["bos_token_id"],
       eos_id=extra["eos_token_ids"][0],
       pad_id=extra.get("pad_token_id") or 0,
