@@ -74,8 +74,7 @@ def abstract_split(stage: str, remat: bool, micro: int):
   c = train.load_config(stage, [f"precision.remat={remat}", f"optim.micro_batch_size={micro}"])
   config = ltu_as_7b(c.precision.compute, c.precision.remat)
   model = nnx.eval_shape(lambda: LtuAs(config, rngs=nnx.Rngs(0)))
-  graphdef, params, frozen = nnx.split(model, train.trainable_filter(c.trainable), ...)
-  frozen = jax.eval_shape(lambda f: train.cast_floats(f, c.precision.frozen), frozen)
+  graphdef, params, frozen = train.split_for_training(model, c)
   return c, config, graphdef, params, frozen
 
 

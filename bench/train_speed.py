@@ -107,8 +107,7 @@ def seconds_per_step(steps: dict[str, Callable[[], None]], repeats: int) -> dict
 def ours(config: LtuAsConfig, c, batch: dict[str, np.ndarray]) -> tuple[float, Callable[[], None]]:
   """(compile seconds, one training step) of the trainer's jitted step."""
   model = LtuAs(config, rngs=nnx.Rngs(0))
-  graphdef, params, frozen = nnx.split(model, train.trainable_filter(c.trainable), ...)
-  frozen = train.cast_floats(frozen, c.precision.frozen)
+  graphdef, params, frozen = train.split_for_training(model, c)
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
   tx, schedule = train.optimizer(c, total_steps=1000)
   spec = train.TrainShardings.of(params, frozen, tx, mesh)

@@ -9,6 +9,10 @@ CACHE = "cache"
 WHISPER = f"{CACHE}/models/whisper-tiny.en"
 LLM = f"{CACHE}/models/smollm2-135m"
 LTU_AS = f"{CACHE}/models/ltu_as-tiny"  # fresh TLTR, projection and LoRA over the two
+# Its TLTR pretrained to tag the clips (python -m ltu_jax.pretrain_tltr), as the release starts from
+# Whisper-AT's TL-TR: stage 1 keeps TLTR frozen.
+LTU_AS_TAGGED = f"{CACHE}/models/ltu_as-tiny-tagged"
+TAGGING_EPOCHS = 12
 DATA = f"{CACHE}/tiny_data"
 FEATURES = f"{DATA}/features"
 
@@ -16,7 +20,7 @@ FEATURES = f"{DATA}/features"
 def scale_to_cpu(c: ml_collections.ConfigDict, stage: int) -> ml_collections.ConfigDict:
   c.name = f"tiny_stage{stage}"
   c.output_dir = f"runs/tiny_stage{stage}"
-  c.model = LTU_AS if stage == 1 else f"runs/tiny_stage{stage - 1}/model"
+  c.model = LTU_AS_TAGGED if stage == 1 else f"runs/tiny_stage{stage - 1}/model"
   c.data.train = f"{DATA}/classification.json" if stage < 3 else f"{DATA}/train.json"
   c.data.features = FEATURES
   c.optim.batch_size = 16

@@ -323,6 +323,7 @@ def evaluate(
     loaded, records, store, sampling=sampling, mode=mode, key=key, batch_size=batch_size, progress=progress
   )
   if out is not None:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
       f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in prediction_rows(records, predictions))
   return score(records, predictions, vocabulary)

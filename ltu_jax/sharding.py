@@ -80,6 +80,16 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
   return PartitionSpec(*spec)
 
 
+def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> jax.Array:
+  """`x` sharded as its logical axes say on the mesh being traced for (`jax.sharding.use_abstract_mesh`);
+  unchanged outside one. Activations need it: left alone, XLA may give them the parameters' fsdp
+  sharding, so that every device holds every example's activations."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
+
+
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:
   """A `NamedSharding` for every variable of `state` (abstract or concrete), from its logical axes."""
 

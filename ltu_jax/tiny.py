@@ -3,8 +3,10 @@
 1. Converts the two real models that PyPI wheels carry (Whisper tiny.en from CTranslate2, SmolLM2-135M
    from GGUF) and composes a fresh LTU-AS over them (TLTR, projection and LoRA sized to them).
 2. Builds the tiny QA set from real espeak-ng speech and synthesised sounds, and caches its features.
-3. Scores the untrained LTU-AS on the held-out split, trains the curriculum tiny_stage1 → 2 → 3,
-   scores the trained model, and prints both side by side.
+3. Scores the untrained LTU-AS on the held-out split; pretrains its TLTR to tag the training clips
+   (`ltu_jax.pretrain_tltr`: the release starts from Whisper-AT's pretrained TL-TR, which stage 1 keeps
+   frozen); trains the curriculum tiny_stage1 → 2 → 3; scores the trained model and prints both side
+   by side.
 
 Every step that already has its output is skipped, so a re-run resumes; `--fresh` starts over.
 """
@@ -12,6 +14,7 @@ Every step that already has its output is skipped, so a re-run resumes; `--fresh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import importlib.util
 import os
@@ -23,7 +26,7 @@ from conversion import llm as convert_llm
 from conversion import ltu_as as convert_ltu_as
 from conversion import whisper as convert_whisper
 from ltu_jax import eval as evaluation
-from ltu_jax import extract_features, generate, model_folder, tiny_data, train
+from ltu_jax import extract_features, generate, model_folder, pretrain_tltr, tiny_data, train
 
 STAGES = ("tiny_stage1", "tiny_stage2", "tiny_stage3")
 REPORT = "runs/tiny_report.md"
@@ -59,13 +62,39 @@ def models() -> None:
     convert_ltu_as.convert(None, tiny.LLM, tiny.WHISPER, tiny.LTU_AS)
 
 
-def dataset(transcriber: str | None) -> None:
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  """How much of the pipeline runs: the README's run, or `--smoke`'s few steps of each part (CI)."""
+
+  train_clips: int = tiny_data.DEFAULT_TRAIN
+  test_clips: int = tiny_data.DEFAULT_TEST
+  tagging_epochs: int = tiny.TAGGING_EPOCHS
+  max_steps: int = -1  # optimizer steps per stage; -1: the configs' epochs
+  limit: int | None = None  # held-out questions scored; None: all
+
+
+SMOKE = Scale(train_clips=24, test_clips=6, tagging_epochs=1, max_steps=2, limit=6)
+
+
+def dataset(transcriber: str | None, scale: Scale) -> None:
   step(f"building the tiny QA set → {tiny.DATA}")
-  tiny_data.build(tiny.DATA, transcriber=transcriber)
+  tiny_data.build(tiny.DATA, train=scale.train_clips, test=scale.test_clips, transcriber=transcriber)
   step(f"caching Whisper features → {tiny.FEATURES}")
   files = [os.path.join(tiny.DATA, f"{split}.json") for split in ("train", "test")]
   if extract_features.main(["--whisper", tiny.WHISPER, "--data", *files, "--out", tiny.FEATURES]):
     raise RuntimeError("feature extraction failed (see above)")
+
+
+def tagged_tltr(scale: Scale) -> None:
+  if has_model(tiny.LTU_AS_TAGGED):
+    return
+  step(f"pretraining TLTR to tag the clips (Whisper-AT's start) → {tiny.LTU_AS_TAGGED}")
+  accuracy = pretrain_tltr.pretrain(
+    tiny.LTU_AS, os.path.join(tiny.DATA, "train.json"), tiny.FEATURES, tiny.LTU_AS_TAGGED,
+    eval_data=os.path.join(tiny.DATA, "test.json"), epochs=scale.tagging_epochs,
+  )
+  for when, values in accuracy.items():
+    print(f"TLTR tagging, held-out accuracy {when}: " + ", ".join(f"{k} {v:.0%}" for k, v in values.items()), file=sys.stderr)
 
 
 def scores(model: str, name: str, limit: int | None) -> dict[str, evaluation.Score]:
@@ -76,9 +105,9 @@ def scores(model: str, name: str, limit: int | None) -> dict[str, evaluation.Sco
   )
 
 
-def curriculum() -> str:
+def curriculum(scale: Scale) -> str:
   for name in STAGES:
-    config = train.load_config(name)
+    config = train.load_config(name, [f"optim.max_steps={scale.max_steps}"])
     if has_model(os.path.join(config.output_dir, "model")):
       continue
     step(f"training {name} ({config.trainable} trainable, lr {config.optim.lr}, from {config.model})")
@@ -91,6 +120,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--fresh", action="store_true", help="delete earlier models, data and runs first")
   parser.add_argument("--limit", type=int, default=None, help="score only the first N held-out questions")
   parser.add_argument(
+    "--smoke", action="store_true",
+    help=f"the same pipeline shortened for CI: {SMOKE.train_clips} train clips, {SMOKE.max_steps} steps per stage, "
+    f"{SMOKE.limit} questions scored (use a separate working directory: it writes cache/ and runs/ there)",
+  )
+  parser.add_argument(
     "--whisper-transcripts", action="store_true",
     help="put Whisper tiny.en's transcripts in the prompts, as LTU-AS does (about 3 more minutes); "
     "by default the prompts carry the text espeak-ng read",
@@ -99,11 +133,13 @@ def main(argv: list[str] | None = None) -> None:
   if args.fresh:
     for path in (tiny.CACHE, "runs"):
       shutil.rmtree(path, ignore_errors=True)
+  scale = SMOKE if args.smoke else Scale(limit=args.limit)
   models()
-  dataset(tiny.WHISPER if args.whisper_transcripts else None)
-  before = scores(tiny.LTU_AS, "untrained", args.limit)
-  trained = curriculum()
-  after = scores(trained, "trained", args.limit)
+  dataset(tiny.WHISPER if args.whisper_transcripts else None, scale)
+  before = scores(tiny.LTU_AS, "untrained", scale.limit)
+  tagged_tltr(scale)
+  trained = curriculum(scale)
+  after = scores(trained, "trained", scale.limit)
   report = evaluation.compare(before, after)
   os.makedirs(os.path.dirname(REPORT), exist_ok=True)
   with open(REPORT, "w") as f:

@@ -185,9 +185,16 @@ class TrainShardings:
 
 
 def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule, shardings: TrainShardings):
-  """The train step jitted with explicit shardings, the state donated."""
+  """The train step jitted with explicit shardings, the state donated, traced under the mesh so that
+  the model's activation constraints (`sharding.constrain`) apply."""
+  step = make_train_step(graphdef, tx, schedule)
+
+  def step_on_mesh(*args):
+    with jax.sharding.use_abstract_mesh(shardings.mesh.abstract_mesh):
+      return step(*args)
+
   return jax.jit(
-    make_train_step(graphdef, tx, schedule),
+    step_on_mesh,
     in_shardings=(shardings.state, shardings.frozen, None, None),
     out_shardings=(shardings.state, None),
     donate_argnums=(0,),
@@ -202,7 +209,24 @@ def place(tree: Any, shardings: Any) -> Any:
 
 
 def cast_floats(tree: Any, dtype: str) -> Any:
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+  """Floating arrays (or abstract `ShapeDtypeStruct`s) of `tree` as `dtype`."""
+
+  def cast(x: Any) -> Any:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype))
+    return x.astype(dtype)
+
+  return jax.tree.map(cast, tree)
+
+
+def split_for_training(model: nnx.Module, c: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, trainable parameters as fp32 masters, frozen parameters in `precision.frozen`) by the
+  config's trainable filter; the model may be abstract (`nnx.eval_shape`). The masters are fp32 whatever
+  dtype the model folder stores."""
+  graphdef, params, frozen = nnx.split(model, trainable_filter(c.trainable), ...)
+  return graphdef, cast_floats(params, "float32"), cast_floats(frozen, c.precision.frozen)
 
 
 class Trainer:
@@ -215,9 +239,7 @@ class Trainer:
       c.model, dtype=c.precision.compute, remat=c.precision.remat, configure=lambda m: with_lora_dropout(m, c.lora_dropout)
     )
     model = self.loaded.model
-    self.graphdef, params, frozen = nnx.split(model, trainable_filter(c.trainable), ...)
-    frozen = cast_floats(frozen, c.precision.frozen)
-    params = cast_floats(params, "float32")  # fp32 masters, whatever dtype the folder stores
+    self.graphdef, params, frozen = split_for_training(model, c)
 
     dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     if c.optim.batch_size % (c.optim.micro_batch_size * dp):

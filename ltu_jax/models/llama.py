@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ltu_jax import sharding
 from ltu_jax.models import layers
 from ltu_jax.models.layers import KVCache
 from ltu_jax.models.lora import Linear, LoRAConfig
@@ -217,6 +218,7 @@ class Llama(nnx.Module):
 
     def body(layer, x, scanned):
       layer_kv, layer_key = scanned
+      x = sharding.constrain(x, ("batch", "length", None))
       x, new_kv = layer(x, positions, mask, layer_kv, index, layer_key)
       return x, new_kv if cache is not None else None
 

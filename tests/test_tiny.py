@@ -1,0 +1,29 @@
+"""The README's first command, shortened (`python -m ltu_jax.tiny --smoke`): every part of the pipeline runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_smoke_run_goes_end_to_end(tmp_path):
+  # In its own working directory: the pipeline writes cache/ and runs/ where it runs.
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+    [sys.executable, "-m", "ltu_jax.tiny", "--smoke"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+  )
+  assert result.returncode == 0, result.stderr[-5000:]
+  for stage in (1, 2, 3):
+    rows = [json.loads(line) for line in open(tmp_path / f"runs/tiny_stage{stage}/metrics.jsonl")]
+    assert rows[-1]["step"] == 2 and all(row["loss"] > 0 for row in rows)
+    assert os.path.isfile(tmp_path / f"runs/tiny_stage{stage}/model/ltu_jax.json")
+  assert os.path.isfile(tmp_path / "cache/models/ltu_as-tiny-tagged/ltu_jax.json")
+  for name in ("untrained", "trained"):
+    assert len(open(tmp_path / f"runs/tiny_predictions_{name}.jsonl").readlines()) == 6
+  report = open(tmp_path / "runs/tiny_report.md").read()
+  assert "before" in report and "after" in report
+  assert report in result.stdout
