@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from ltu_jax import tiny
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,11 +21,12 @@ def test_smoke_run_goes_end_to_end(tmp_path):
   assert result.returncode == 0, result.stderr[-5000:]
   for stage in (1, 2, 3):
     rows = [json.loads(line) for line in open(tmp_path / f"runs/tiny_stage{stage}/metrics.jsonl")]
-    assert rows[-1]["step"] == 2 and all(row["loss"] > 0 for row in rows)
+    # the stage's last step: at most the smoke cap (stage 1's short epoch may end sooner)
+    assert 0 < rows[-1]["step"] <= tiny.SMOKE.max_steps and all(row["loss"] > 0 for row in rows)
     assert os.path.isfile(tmp_path / f"runs/tiny_stage{stage}/model/ltu_jax.json")
   assert os.path.isfile(tmp_path / "cache/models/ltu_as-tiny-tagged/ltu_jax.json")
   for name in ("untrained", "trained"):
-    assert len(open(tmp_path / f"runs/tiny_predictions_{name}.jsonl").readlines()) == 6
+    assert len(open(tmp_path / f"runs/tiny_predictions_{name}.jsonl").readlines()) == tiny.SMOKE.limit
   report = open(tmp_path / "runs/tiny_report.md").read()
   assert "before" in report and "after" in report
   assert report in result.stdout
