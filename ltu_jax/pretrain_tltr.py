@@ -65,25 +65,29 @@ class Clips:
   known: np.ndarray
 
 
-def tag_names(records: Sequence[dict[str, Any]], keys: Sequence[str], path: str) -> list[str]:
-  """Every `key: value` the records' labels hold, sorted; an error names a record without labels."""
-  tags = set()
+def labelled_records(path: str, store: data.FeatureStore) -> list[dict[str, Any]]:
+  """The checked records of an LTU data file (`data.read_records`); an error names one without labels."""
+  records, _ = data.read_records(path, features=store)
   for index, record in enumerate(records):
-    labels = record.get("labels")
-    if not isinstance(labels, dict):
+    if not isinstance(record.get("labels"), dict):
       raise data.DataError(
         f"{path}: record {index}: no 'labels' object; tagging needs each clip's labels (as tiny_data writes them)"
       )
-    tags.update(f"{key}: {labels[key]}" for key in keys if isinstance(labels.get(key), str))
+  return records
+
+
+def tag_names(records: Sequence[dict[str, Any]], keys: Sequence[str], path: str) -> list[str]:
+  """Every `key: value` the records' labels hold, sorted."""
+  tags = {f"{key}: {r['labels'][key]}" for r in records for key in keys if isinstance(r["labels"].get(key), str)}
   if not tags:
     raise data.DataError(f"{path}: no record has a string label under any of the keys {list(keys)}")
   return sorted(tags)
 
 
-def read_clips(path: str, store: data.FeatureStore, tags: Sequence[str], keys: Sequence[str]) -> Clips:
-  """The distinct clips of an LTU data file, their features and targets over `tags`."""
-  records, _ = data.read_records(path, features=store)
-  tag_names(records, keys, path)  # every record has labels
+def read_clips(
+  records: Sequence[dict[str, Any]], path: str, store: data.FeatureStore, tags: Sequence[str], keys: Sequence[str]
+) -> Clips:
+  """The distinct clips of `records` (from `path`), their features and targets over `tags`."""
   clips: dict[str, dict[str, Any]] = {}
   for record in records:
     clips.setdefault(record["audio_id"], record["labels"])
@@ -163,10 +167,10 @@ def pretrain(
     raise ValueError(f"{model} holds a {loaded.kind!r} model; TLTR pretraining needs an LTU-AS model folder")
   mc = loaded.model.config
   store = data.FeatureStore(features, shape=(mc.feature_layers, mc.audio_tokens, mc.tltr.dim))
-  records, _ = data.read_records(train, features=store)
+  records = labelled_records(train, store)
   tags = tag_names(records, keys, train)
-  train_clips = read_clips(train, store, tags, keys)
-  held_out = read_clips(eval_data, store, tags, keys) if eval_data else None
+  train_clips = read_clips(records, train, store, tags, keys)
+  held_out = read_clips(labelled_records(eval_data, store), eval_data, store, tags, keys) if eval_data else None
 
   tltr_config = dataclasses.replace(mc.tltr, dtype="float32", param_dtype="float32")
   tagger = Tagger(TLTR(tltr_config, rngs=nnx.Rngs(seed)), len(tags), rngs=nnx.Rngs(seed + 1))
