@@ -36,6 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.0
+  # The HF Trainer clips the accumulated gradient to this global norm by default (None: no clipping).
+  c.optim.max_grad_norm = 1.0
 
   # What trains: "proj" (audio projection only, stage 1) or "all" (TLTR, projection and LoRA).
   c.trainable = "all"

@@ -153,10 +153,13 @@ def with_lora_dropout(config, dropout: float):
 
 
 def optimizer(c: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (Hugging Face's `adamw_torch` defaults) on the warm-up-then-linear-decay schedule."""
+  """AdamW (Hugging Face's `adamw_torch` defaults) on the warm-up-then-linear-decay schedule, after the
+  Hugging Face Trainer's clipping of the accumulated gradient to a global norm (`max_grad_norm`, 1.0)."""
   schedule = lr_schedule(c.optim.lr, c.optim.warmup_steps, total_steps)
-  tx = optax.adamw(schedule, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps, weight_decay=c.optim.weight_decay)
-  return tx, schedule
+  adamw = optax.adamw(schedule, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps, weight_decay=c.optim.weight_decay)
+  if c.optim.max_grad_norm is None:
+    return adamw, schedule
+  return optax.chain(optax.clip_by_global_norm(c.optim.max_grad_norm), adamw), schedule
 
 
 @dataclasses.dataclass

@@ -194,3 +194,42 @@ def test_bad_record_is_named_before_training(parts, tmp_path):
   )
   train.Trainer(skipping).run()
 
+
+
+OPTIMIZER_TOL = 1e-6  # fp32 parameters after 8 AdamW steps, ours vs torch
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, None])
+def test_optimizer_matches_the_hf_trainer(max_grad_norm):
+  """Clip to the global norm, AdamW, warm-up then linear decay: what the HF Trainer does (torch)."""
+  import torch
+  import transformers
+
+  c = train.load_config("stage2", ["optim.lr=1e-2", "optim.warmup_steps=3", f"optim.max_grad_norm={max_grad_norm}"])
+  steps = 8
+  rng = np.random.default_rng(0)
+  start = {"a": rng.standard_normal((4, 3)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+  # Norms far above and below the clip, so that clipping changes Adam's moments.
+  grads = [{k: (10.0 if i % 2 else 0.1) * rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()}
+           for i in range(steps)]
+
+  tx, _ = train.optimizer(c, steps)
+  params = jax.tree.map(jax.numpy.asarray, start)
+  opt_state = tx.init(params)
+  torch_params = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in start.items()}
+  torch_opt = torch.optim.AdamW(
+    torch_params.values(), lr=c.optim.lr, betas=(c.optim.b1, c.optim.b2), eps=c.optim.eps,
+    weight_decay=c.optim.weight_decay,
+  )
+  torch_schedule = transformers.get_linear_schedule_with_warmup(torch_opt, c.optim.warmup_steps, steps)
+  for g in grads:
+    updates, opt_state = tx.update(jax.tree.map(jax.numpy.asarray, g), opt_state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    for k, p in torch_params.items():
+      p.grad = torch.tensor(g[k])
+    if max_grad_norm is not None:
+      torch.nn.utils.clip_grad_norm_(torch_params.values(), max_grad_norm)
+    torch_opt.step()
+    torch_schedule.step()
+    for k, p in torch_params.items():
+      np.testing.assert_allclose(np.asarray(params[k]), p.detach().numpy(), rtol=OPTIMIZER_TOL, atol=OPTIMIZER_TOL)
