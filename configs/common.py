@@ -38,6 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.0
   # The HF Trainer clips the accumulated gradient to this global norm by default (None: no clipping).
   c.optim.max_grad_norm = 1.0
+  # Learning-rate multipliers per trainable group: TLTR, the projection, the LoRA adapters.
+  c.optim.lr_scale = ml_collections.ConfigDict({"audio_encoder": 1.0, "audio_proj": 1.0, "lora": 1.0})
 
   # What trains: "proj" (audio projection only, stage 1) or "all" (TLTR, projection and LoRA).
   c.trainable = "all"

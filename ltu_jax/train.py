@@ -157,9 +157,39 @@ def optimizer(c: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.Gra
   Hugging Face Trainer's clipping of the accumulated gradient to a global norm (`max_grad_norm`, 1.0)."""
   schedule = lr_schedule(c.optim.lr, c.optim.warmup_steps, total_steps)
   adamw = optax.adamw(schedule, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps, weight_decay=c.optim.weight_decay)
-  if c.optim.max_grad_norm is None:
-    return adamw, schedule
-  return optax.chain(optax.clip_by_global_norm(c.optim.max_grad_norm), adamw), schedule
+  chain = [adamw]
+  if c.optim.max_grad_norm is not None:
+    chain.insert(0, optax.clip_by_global_norm(c.optim.max_grad_norm))
+  scales = dict(c.optim.lr_scale)
+  if unknown := set(scales) - set(PARAM_GROUPS):
+    raise KeyError(f"optim.lr_scale: unknown parameter groups {sorted(unknown)}; the groups are {PARAM_GROUPS}")
+  if any(scale != 1.0 for scale in scales.values()):
+    chain.append(scale_by_group(scales))
+  return (chain[0] if len(chain) == 1 else optax.chain(*chain)), schedule
+
+
+PARAM_GROUPS = ("audio_encoder", "audio_proj", "lora")
+
+
+def param_group(path: tuple[Any, ...]) -> str:
+  """Which of `PARAM_GROUPS` a trainable parameter belongs to: TLTR, the projection or the LoRA adapters."""
+  names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+  for group in PARAM_GROUPS[:2]:
+    if group in names:
+      return group
+  if any(name.startswith("lora_") for name in names):
+    return "lora"
+  raise ValueError(f"parameter {jax.tree_util.keystr(path)} is in none of the groups {PARAM_GROUPS}")
+
+
+def scale_by_group(scales: dict[str, float]) -> optax.GradientTransformation:
+  """Multiplies each group's update (so its learning rate, weight decay included) by `scales[group]`."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map_with_path(lambda path, u: u * scales.get(param_group(path), 1.0), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 @dataclasses.dataclass

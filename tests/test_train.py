@@ -197,16 +197,26 @@ def test_bad_record_is_named_before_training(parts, tmp_path):
   train.Trainer(skipping).run()
 
 
-@pytest.mark.parametrize("max_grad_norm", [1.0, None])
-def test_optimizer_matches_the_hf_trainer(max_grad_norm):
-  """Clip to the global norm, AdamW, warm-up then linear decay: what the HF Trainer does (torch)."""
+@pytest.mark.parametrize(
+  "max_grad_norm, lr_scale", [(1.0, {}), (None, {}), (1.0, {"audio_encoder": 0.1, "lora": 3.0})]
+)
+def test_optimizer_matches_the_hf_trainer(max_grad_norm, lr_scale):
+  """Clip to the global norm, AdamW, warm-up then linear decay: what the HF Trainer does (torch), with
+  `optim.lr_scale` as torch parameter groups of their own learning rates."""
   import torch
   import transformers
 
-  c = train.load_config("stage2", ["optim.lr=1e-2", "optim.warmup_steps=3", f"optim.max_grad_norm={max_grad_norm}"])
+  c = train.load_config("stage2", [
+    "optim.lr=1e-2", "optim.warmup_steps=3", "optim.weight_decay=0.1", f"optim.max_grad_norm={max_grad_norm}",
+    *(f"optim.lr_scale.{group}={scale}" for group, scale in lr_scale.items()),
+  ])
   steps = 8
   rng = np.random.default_rng(0)
-  start = {"a": rng.standard_normal((4, 3)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+  start = {  # one parameter of each group (`train.param_group` reads the names)
+    "audio_encoder": rng.standard_normal((4, 3)).astype(np.float32),
+    "audio_proj": rng.standard_normal(5).astype(np.float32),
+    "lora_a": rng.standard_normal((2, 3)).astype(np.float32),
+  }
   # Norms far above and below the clip, so that clipping changes Adam's moments.
   grads = [{k: (10.0 if i % 2 else 0.1) * rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()}
            for i in range(steps)]
@@ -215,8 +225,9 @@ def test_optimizer_matches_the_hf_trainer(max_grad_norm):
   params = jax.tree.map(jax.numpy.asarray, start)
   opt_state = tx.init(params)
   torch_params = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in start.items()}
+  groups = [{"params": [p], "lr": c.optim.lr * lr_scale.get(train.param_group((k,)), 1.0)} for k, p in torch_params.items()]
   torch_opt = torch.optim.AdamW(
-    torch_params.values(), lr=c.optim.lr, betas=(c.optim.b1, c.optim.b2), eps=c.optim.eps,
+    groups, lr=c.optim.lr, betas=(c.optim.b1, c.optim.b2), eps=c.optim.eps,
     weight_decay=c.optim.weight_decay,
   )
   torch_schedule = transformers.get_linear_schedule_with_warmup(torch_opt, c.optim.warmup_steps, steps)
