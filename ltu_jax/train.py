@@ -364,29 +364,31 @@ class Trainer:
 
     bar = tqdm(total=self.last_step, initial=start, desc=c.name, unit="step", disable=jax.process_index() != 0)
     window_start, window_samples = time.perf_counter(), 0
-    for step in range(start, self.last_step):
-      batch = self.device_batch(next(self.loader))
-      self.state, metrics = self.step_fn(self.state, self.frozen, batch, self.key)
-      window_samples += c.optim.batch_size
-      if not bool(metrics["finite"]):
-        latest = self.checkpoints.latest_step()
-        raise FloatingPointError(
-          f"step {step}: loss is {float(metrics['loss'])} (grad norm {float(metrics['grad_norm'])}); training stopped. "
-          f"The last good checkpoint is step {latest} in {self.checkpoints.directory}"
-        )
-      self.save(step + 1)
-      bar.update(1)
-      if (step + 1) % c.log_every == 0 or step + 1 == self.last_step:
-        elapsed = time.perf_counter() - window_start
-        row = {k: float(v) for k, v in metrics.items() if k != "finite"}
-        row.update(step=step + 1, samples_per_s=window_samples / elapsed)
-        log(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
-        window_start, window_samples = time.perf_counter(), 0
-    bar.close()
-    if self.checkpoints.latest_step() != self.last_step:
-      self.save(self.last_step, force=True)
-    self.checkpoints.wait_until_finished()
+    try:
+      for step in range(start, self.last_step):
+        batch = self.device_batch(next(self.loader))
+        self.state, metrics = self.step_fn(self.state, self.frozen, batch, self.key)
+        window_samples += c.optim.batch_size
+        if not bool(metrics["finite"]):
+          latest = self.checkpoints.latest_step()
+          raise FloatingPointError(
+            f"step {step}: loss is {float(metrics['loss'])} (grad norm {float(metrics['grad_norm'])}); training stopped. "
+            f"The last good checkpoint is step {latest} in {self.checkpoints.directory}"
+          )
+        self.save(step + 1)
+        bar.update(1)
+        if (step + 1) % c.log_every == 0 or step + 1 == self.last_step:
+          elapsed = time.perf_counter() - window_start
+          row = {k: float(v) for k, v in metrics.items() if k != "finite"}
+          row.update(step=step + 1, samples_per_s=window_samples / elapsed)
+          log(row)
+          bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
+          window_start, window_samples = time.perf_counter(), 0
+      if self.checkpoints.latest_step() != self.last_step:
+        self.save(self.last_step, force=True)
+    finally:
+      bar.close()
+      self.checkpoints.close()  # waits for saves in flight, also when a step fails
     return self.write_model()
 
   def write_model(self) -> str:
