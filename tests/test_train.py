@@ -1,5 +1,5 @@
-"""The trainer: loss falls, the same run on 1 and 8 devices and on 1 and 2 processes, exact resume after
-SIGKILL, NaN stops, and the optimizer equal to the HF Trainer's."""
+"""The trainer: loss falls, a group at `lr_scale` 0 is held, the same run on 1 and 8 devices and on 1 and
+2 processes, exact resume after SIGKILL, NaN stops, and the optimizer equal to the HF Trainer's."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from tests import train_setup
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARDED_TOL = 1e-5  # loss and parameters, 1 device vs 8 (reduction order differs)
 OPTIMIZER_TOL = 1e-6  # fp32 parameters after 8 AdamW steps, ours vs torch
+ADAPTERS = {f"llm.layers.self_attn.{proj}.{w}" for proj in ("q_proj", "v_proj") for w in ("lora_a", "lora_b")}
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +62,8 @@ def test_loss_falls(parts, tmp_path):
   history = losses(out)
   assert len(history) == 12 and np.mean(history[-3:]) < 0.8 * np.mean(history[:3])
   changed = changed_parameters(parts["ltu_as"], model_dir)
-  assert {p for p in changed if p.startswith("llm.")} == {
-    f"llm.layers.self_attn.{proj}.{w}" for proj in ("q_proj", "v_proj") for w in ("lora_a", "lora_b")
-  }  # of the LLM only the adapters train
+  assert {p for p in changed if p.startswith("llm.")} == ADAPTERS  # of the LLM only the adapters train
+  assert any(p.startswith("audio_encoder.") for p in changed)
   assert os.path.isfile(os.path.join(out, "config.json")) and os.listdir(os.path.join(out, "tensorboard"))
   assert ltu_jax.load(os.path.join(model_dir, "whisper"), tokenizer=False).kind == "whisper"
 
@@ -72,6 +72,13 @@ def test_stage1_trains_the_projection_only(parts, tmp_path):
   out = str(tmp_path / "run")
   model_dir = train.Trainer(train.load_config("tiny_stage1", train_setup.overrides(parts, out, **{"optim.max_steps": 2, "data.train": parts["train"]}))).run()
   assert changed_parameters(parts["ltu_as"], model_dir) == {"audio_proj.kernel", "audio_proj.bias"}
+
+
+def test_a_group_at_lr_scale_zero_is_held(parts, tmp_path):
+  out = str(tmp_path / "run")
+  more = {"optim.max_steps": 3, "optim.lr_scale.audio_encoder": 0.0}  # lora_a moves once lora_b has
+  model_dir = train.Trainer(train.load_config("tiny_stage3", train_setup.overrides(parts, out, **more))).run()
+  assert changed_parameters(parts["ltu_as"], model_dir) == {"audio_proj.kernel", "audio_proj.bias", *ADAPTERS}
 
 
 SHARDED = """
