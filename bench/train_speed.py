@@ -174,7 +174,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--configs", nargs="+", default=["tiny_stage1", "tiny_stage3"])
   parser.add_argument("--steps", type=int, default=3, help="timed steps (median) after one warm-up step")
-  parser.add_argument("--text", type=int, default=64, help="text tokens per row (the tiny data pads to a multiple of 32)")
+  parser.add_argument("--text", type=int, default=64, help="text tokens per row (the tiny data pads to a multiple of 16)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("--keep-denormals", action="store_true", help="PyTorch without flushing denormals (10× slower here)")
