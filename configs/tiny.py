@@ -23,13 +23,13 @@ def scale_to_cpu(c: ml_collections.ConfigDict, stage: int) -> ml_collections.Con
   c.model = LTU_AS_TAGGED if stage == 1 else f"runs/tiny_stage{stage - 1}/model"
   c.data.train = f"{DATA}/classification.json" if stage < 3 else f"{DATA}/train.json"
   c.data.features = FEATURES
-  # About 2500 samples in all at ~4 samples/s on 2 cores: the three stages take about 11 minutes. In so
+  # About 2500 samples in all at ~4 samples/s on 2 cores: the three stages take about 10 minutes. In so
   # few samples the number of optimizer steps is what counts, so batches of 4, and a larger learning rate
   # than the paper's 1e-4 / 2e-4 (1e-3 is its stage-1 rate), and a loss on the answers only: the spoken
   # text in the prompt is unpredictable and would dominate it. At 1e-3, training TLTR overwrites the
   # tagging it was pretrained for, and the LLM is left reading moving features: held-out gender was
-  # 47-63% over seeds with TLTR training, 98% with it held (lr_scale 0; 0.1 kept gender, speed and pitch
-  # but lost sound). See issue #4.
+  # 47-63% on 3 of 4 seeds with TLTR training, 97-98% on 3 seeds with it held (lr_scale 0; at 0.1, one
+  # seed kept gender, speed and pitch but lost sound). See issue #4.
   c.optim.batch_size = 4
   c.optim.micro_batch_size = 4
   c.optim.epochs = {1: 0.05, 2: 1.0, 3: 0.6}[stage]
