@@ -38,12 +38,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.0
   # The HF Trainer clips the accumulated gradient to this global norm by default (None: no clipping).
   c.optim.max_grad_norm = 1.0
-  # Learning-rate multipliers per trainable group: TLTR, the projection, the LoRA adapters.
+  # Learning-rate multipliers per trainable group (the model kind's groups, `ltu_jax.kinds`): TLTR, the
+  # projection, the LoRA adapters.
   c.optim.lr_scale = ml_collections.ConfigDict({"audio_encoder": 1.0, "audio_proj": 1.0, "lora": 1.0})
 
-  # What trains: "proj" (audio projection only, stage 1) or "all" (TLTR, projection and LoRA).
-  c.trainable = "all"
-  c.lora_dropout = 0.05
+  # What trains: groups of the model kind (stage 1: the projection; later stages TLTR, projection and LoRA).
+  c.trainable = ("audio_encoder", "audio_proj", "lora")
+  # The adapters: a model folder without them gets fresh ones of this shape; one with them keeps its own
+  # (and trains them with this dropout).
+  c.lora = ml_collections.ConfigDict({"rank": 8, "alpha": 16.0, "dropout": 0.05, "targets": ("q_proj", "v_proj")})
+
+  c.audio = ml_collections.ConfigDict()
+  # 10 s windows a clip may fill, 25 audio tokens each (None: what the model folder was trained with; the
+  # release: 1). The trained model folder records it.
+  c.audio.max_windows = ml_collections.FieldReference(None, field_type=int)
 
   c.precision = ml_collections.ConfigDict()
   c.precision.compute = "bfloat16"  # activations and matmuls

@@ -8,7 +8,7 @@ def get_config():
   c.name = "stage1"
   c.data.train = "data/openasqa_classification.json"
   c.data.features = "data/whisper_feat"
-  c.trainable = "proj"
+  c.trainable = ("audio_proj",)
   c.optim.lr = 1e-3
   c.optim.epochs = 2.0
   c.optim.micro_batch_size = 8

@@ -9,7 +9,6 @@ def get_config():
   c.model = "runs/stage1/model"
   c.data.train = "data/openasqa_classification.json"
   c.data.features = "data/whisper_feat"
-  c.trainable = "all"
   c.optim.lr = 1e-4
   c.optim.epochs = 2.0
   return c

@@ -9,7 +9,6 @@ def get_config():
   c.model = "runs/stage2/model"
   c.data.train = "data/openasqa_10.3M_v2.json"
   c.data.features = "data/whisper_feat"
-  c.trainable = "all"
   c.optim.lr = 2e-4
   c.optim.epochs = 1.0
   c.optim.micro_batch_size = 4

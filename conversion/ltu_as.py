@@ -31,7 +31,7 @@ from conversion import rules, sources
 from conversion.hf_llama import llama_rules, normalize_peft_key
 from conversion.openai_whisper import residual_block_rules
 from conversion.rules import Rule, linear_rules
-from ltu_jax import model_folder
+from ltu_jax import frontend, kinds, model_folder
 from ltu_jax.models.lora import LoRAConfig, LoRAParam
 from ltu_jax.models.ltu_as import LtuAs, LtuAsConfig
 from ltu_jax.models.tltr import TLTRConfig
@@ -40,8 +40,6 @@ RELEASE_PREFIX = "base_model.model."  # PeftModelForCausalLM → LoraModel → L
 WHISPER_AT_PREFIX = "at_model."
 WHISPER_SUBFOLDER = "whisper"
 LTU_AS_LORA = LoRAConfig(rank=8, alpha=16.0, dropout=0.05, targets=("q_proj", "v_proj"))
-MEL_FRAMES = 1000  # LTU-AS's 10 s of log-mel
-POOL = 20  # encoder frames averaged into one audio token
 
 
 def audio_rules(prefix: str = RELEASE_PREFIX) -> tuple[Rule, ...]:
@@ -91,14 +89,16 @@ def load_ltu_as(
   return nnx.merge(graphdef, rules.load(tensors, ltu_as_rules(config, prefix, llm_prefix), state, source=source))
 
 
-def composite_config(llm: model_folder.Loaded, whisper: model_folder.Loaded, lora: LoRAConfig) -> LtuAsConfig:
-  """LTU-AS sized to its parts: TLTR at the Whisper width over all its encoder blocks, 1 + 8 heads."""
+def composite_config(llm: model_folder.Loaded, whisper: model_folder.Loaded, lora: LoRAConfig | None) -> LtuAsConfig:
+  """LTU-AS sized to its parts: TLTR at the Whisper width over all its encoder blocks, 1 + 8 heads; one 10 s
+  window as the release (`max_windows` 1; the trainer's `audio.max_windows` changes it)."""
   w = whisper.config
   return LtuAsConfig(
     llm=dataclasses.replace(llm.config, lora=lora),
     tltr=TLTRConfig(dim=w.d_model, mlp_dim=4 * w.d_model, dtype=llm.config.dtype, param_dtype=llm.config.param_dtype),
     feature_layers=w.encoder_layers,
-    audio_tokens=MEL_FRAMES // 2 // POOL,
+    audio_tokens=frontend.LTU_AS_TOKENS,
+    n_mels=w.num_mel_bins,
   )
 
 
@@ -114,13 +114,14 @@ def checkpoint_kind(path: str, first_key: str) -> str:
 
 
 def convert(
-  src: str | None, llm_dir: str, whisper_dir: str, out: str, *, lora: LoRAConfig = LTU_AS_LORA, seed: int = 0
+  src: str | None, llm_dir: str, whisper_dir: str, out: str, *, lora: LoRAConfig | None = LTU_AS_LORA, seed: int = 0
 ) -> LtuAs:
-  """Composes LLM + Whisper folders with TLTR, projection and LoRA from `src` (or fresh) into `out`."""
+  """Composes LLM + Whisper folders with TLTR, projection and LoRA from `src` (or fresh) into `out`; without
+  `lora` the composite has no adapters (the trainer adds them at the rank its config names)."""
+  model_folder.require(llm_dir, "conversion.ltu_as --llm", kinds.CHATS)
+  model_folder.require(whisper_dir, "conversion.ltu_as --whisper", kinds.TRANSCRIBES)
   llm = model_folder.load(llm_dir)
   whisper = model_folder.load(whisper_dir, tokenizer=False)
-  if llm.kind != "llama" or whisper.kind != "whisper":
-    raise ValueError(f"--llm {llm_dir} is a {llm.kind!r} folder and --whisper {whisper_dir} a {whisper.kind!r} one; expected llama and whisper")
   config = composite_config(llm, whisper, lora)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LtuAs(config, rngs=nnx.Rngs(seed))))
   # Jitted so only the new parts are initialised; the base LLM comes from its folder.
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("paths", nargs="*", help="[SRC] OUT when converting")
   parser.add_argument("--llm", help="LLM model folder (conversion.llm)")
   parser.add_argument("--whisper", help="Whisper model folder (conversion.whisper)")
-  parser.add_argument("--lora-rank", type=int, default=LTU_AS_LORA.rank)
+  parser.add_argument("--lora-rank", type=int, default=LTU_AS_LORA.rank, help="0: no adapters (the trainer adds them)")
   parser.add_argument("--lora-alpha", type=float, default=LTU_AS_LORA.alpha)
   parser.add_argument("--lora-dropout", type=float, default=LTU_AS_LORA.dropout)
   parser.add_argument("--lora-targets", default=",".join(LTU_AS_LORA.targets))
@@ -190,9 +191,11 @@ def main(argv: list[str] | None = None) -> None:
   if args.export:
     if not args.model or not (args.peft_dir or args.release):
       parser.error("--export needs --model and at least one of --peft-dir, --release")
+    try:
+      model_folder.require(args.model, "conversion.ltu_as --export", kinds.AUDIO_LLM)
+    except (FileNotFoundError, ValueError) as error:
+      parser.error(str(error))
     loaded = model_folder.load(args.model, tokenizer=False)
-    if loaded.kind != "ltu_as":
-      parser.error(f"{args.model} is a {loaded.kind!r} folder, not an LTU-AS one")
     if args.peft_dir:
       export_peft(loaded.model, args.peft_dir)
     if args.release:
@@ -201,7 +204,9 @@ def main(argv: list[str] | None = None) -> None:
   if len(args.paths) not in (1, 2) or not args.llm or not args.whisper:
     parser.error("usage: [SRC] OUT --llm LLM_DIR --whisper WHISPER_DIR")
   src, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
-  lora = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))
+  lora = None
+  if args.lora_rank:
+    lora = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))
   convert(src, args.llm, args.whisper, out, lora=lora, seed=args.seed)
   print(f"wrote {out}", file=sys.stderr)
 

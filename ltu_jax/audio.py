@@ -1,20 +1,10 @@
-"""Audio front end: waveform loading and resampling, and Whisper's normalized log-mel spectrogram.
+"""Audio files: decoding any format at any rate to 16 kHz mono, and the per-file loop of the commands.
 
-Two recipes share one log-mel function:
-- `whisper_mel`: standard Whisper (and `transformers.WhisperFeatureExtractor`): pad or trim the waveform
-  to 30 s, then log-mel → 3000 frames.
-- `ltu_as_mel`: LTU-AS (ltu `src/ltu_as/whisper/whisper/transcribe.py`): log-mel of the whole waveform, so
-  the -80 dB floor is set by the loudest bin of the whole file, then pad (with 0) or trim to 1000 frames
-  (10 s).
-
-This runs in data-loading workers, so it is numpy. The STFT is computed in float64: the fp32 `torch.stft` of
-the references is off by up to ~5e-5 (normalized units) near the floor on tonal audio, where a bin is
-~80 dB below its frame's peak; float64 agrees with `WhisperFeatureExtractor`'s numpy path to one fp32 ulp.
+What a waveform becomes for an encoder (log-mel, windows, audio-token counts) is `ltu_jax.frontend`'s.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -23,13 +13,8 @@ from typing import Any, Callable
 import librosa
 import numpy as np
 import soundfile as sf
-from numpy.lib.stride_tricks import sliding_window_view
 
 SAMPLE_RATE = 16000
-N_FFT = 400
-HOP_LENGTH = 160
-WHISPER_SAMPLES = 30 * SAMPLE_RATE
-LTU_AS_FRAMES = 1000
 # soxr's high-quality preset (librosa's default): 20-bit precision, a steep anti-aliasing filter
 RESAMPLER = "soxr_hq"
 
@@ -104,64 +89,3 @@ def answer_files(
           print(json.dumps(line, ensure_ascii=False) if jsonl else line, flush=True)
       bar.update(len(chunk))
   return 1 if failed else 0
-
-
-@functools.lru_cache(maxsize=None)
-def mel_filters(n_mels: int) -> np.ndarray:
-  """Slaney-scale, slaney-normalized mel filters `[n_mels, N_FFT // 2 + 1]` float32, read-only.
-
-  These are the values of Whisper's `mel_filters.npz`, which was made with this librosa call.
-  """
-  filters = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=n_mels)
-  filters.setflags(write=False)
-  return filters
-
-
-def pad_or_trim(array: np.ndarray, length: int) -> np.ndarray:
-  """`array` `[..., time]` cut, or zero-padded at the end, to `[..., length]`."""
-  array = np.asarray(array)
-  if array.shape[-1] >= length:
-    return array[..., :length]
-  padding = [(0, 0)] * (array.ndim - 1) + [(0, length - array.shape[-1])]
-  return np.pad(array, padding)
-
-
-def log_mel_spectrogram(waveform: np.ndarray, n_mels: int = 80) -> np.ndarray:
-  """Whisper's normalized log-mel of a 16 kHz `waveform` `[..., samples]`.
-
-  Returns `[..., n_mels, samples // HOP_LENGTH]` float32. Each example is floored at 8 (i.e. 80 dB) below
-  its own maximum over all its mels and frames, then mapped by `(x + 4) / 4`.
-  """
-  waveform = np.asarray(waveform, np.float64)
-  samples = waveform.shape[-1]
-  if samples <= N_FFT // 2:
-    raise ValueError(
-      f"waveform has {samples} samples; the centered STFT needs more than {N_FFT // 2} to reflect-pad"
-    )
-  # centered STFT, as torch.stft(center=True, pad_mode="reflect")
-  padding = [(0, 0)] * (waveform.ndim - 1) + [(N_FFT // 2, N_FFT // 2)]
-  padded = np.pad(waveform, padding, mode="reflect")
-  # the STFT has samples // hop + 1 frames; Whisper drops the last one
-  frames = sliding_window_view(padded, N_FFT, axis=-1)[..., ::HOP_LENGTH, :]
-  frames = frames[..., : samples // HOP_LENGTH, :]
-  # periodic Hann, as torch.hann_window
-  window = np.hanning(N_FFT + 1)[:-1]
-  spectrum = np.fft.rfft(frames * window, axis=-1)
-  power = spectrum.real**2 + spectrum.imag**2
-  mel = mel_filters(n_mels) @ np.swapaxes(power, -1, -2)
-  log_mel = np.log10(np.maximum(mel, 1e-10))
-  log_mel = np.maximum(log_mel, log_mel.max(axis=(-2, -1), keepdims=True) - 8.0)
-  return ((log_mel + 4.0) / 4.0).astype(np.float32)
-
-
-def whisper_mel(waveform: np.ndarray, n_mels: int = 80) -> np.ndarray:
-  """Standard Whisper input: `waveform` `[..., samples]` padded or trimmed to 30 s, `[..., n_mels, 3000]`."""
-  return log_mel_spectrogram(pad_or_trim(waveform, WHISPER_SAMPLES), n_mels)
-
-
-def ltu_as_mel(waveform: np.ndarray, n_mels: int = 80, frames: int = LTU_AS_FRAMES) -> np.ndarray:
-  """LTU-AS input: log-mel of the whole `waveform` `[..., samples]`, then 0-padded or trimmed.
-
-  Returns `[..., n_mels, frames]`; the floor is set by the whole file, including any part trimmed away.
-  """
-  return pad_or_trim(log_mel_spectrogram(waveform, n_mels), frames)

@@ -1,5 +1,6 @@
-"""The question-answer data of LTU-AS: records, prompts, tokens, the Whisper feature cache, and the grain
-pipeline that turns them into padded training batches.
+"""The question-answer data of LTU-AS: records, prompts, tokens, the audio feature cache, and the grain
+pipeline that turns them into padded training batches. It imports no model: what encodes audio is given
+to the `FeatureStore` (`ltu_jax.features`).
 
 A record (facts §4.1) is `{"instruction", "input" (the Whisper transcript, "" without speech), "output",
 "audio_id" (the audio file), optional "dataset", "task", ...}`; a file holds a JSON list of them or one per
@@ -15,24 +16,18 @@ uninterrupted one would have.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
 import sys
 import zipfile
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import grain
 import jax
 import numpy as np
 from absl import flags
-from flax import nnx
-
-from ltu_jax.audio import LTU_AS_FRAMES, load_audio, ltu_as_mel
-from ltu_jax.model_folder import Loaded
-from ltu_jax.models.whisper import ltu_as_features
 
 log = logging.getLogger(__name__)
 
@@ -141,24 +136,31 @@ class Tokenized(NamedTuple):
   prompt_len: int  # tokens of BOS + prompt (at most len): the targets start here without train_on_inputs
 
 
-def tokenize(record: dict[str, Any], tokenizer: Any, *, cutoff_len: int, bos_id: int, eos_id: int) -> Tokenized:
+def tokenize(record: dict[str, Any], tokenizer: Any, **options: Any) -> Tokenized:
   """One record's training tokens, as the original's `generate_and_tokenize_prompt` (facts §3.1)."""
-  return tokenize_many([record], tokenizer, cutoff_len=cutoff_len, bos_id=bos_id, eos_id=eos_id)[0]
+  return tokenize_many([record], tokenizer, **options)[0]
 
 
 def tokenize_many(
-  records: Sequence[dict[str, Any]], tokenizer: Any, *, cutoff_len: int, bos_id: int, eos_id: int
+  records: Sequence[dict[str, Any]],
+  tokenizer: Any,
+  *,
+  cutoff_len: int,
+  bos_id: int,
+  eos_id: int,
+  use_input: bool = True,
 ) -> list[Tokenized]:
   """`tokenize` for many records, in batched tokenizer calls.
 
   `[bos] + tokens(prompt + output)` cut to `cutoff_len` text tokens, then EOS if still shorter. The text
   is tokenized without special tokens and BOS added here, so tokenizers that add none behave the same.
-  As in the original, the prompt is tokenized on its own to count its tokens.
+  As in the original, the prompt is tokenized on its own to count its tokens. Without `use_input` (a model
+  that reads no transcript) the records' `input` is left out of the prompt.
   """
   results = []
   for start in range(0, len(records), TOKENIZE_CHUNK):
     chunk = records[start : start + TOKENIZE_CHUNK]
-    prompts = [prompt(r["instruction"], r["input"]) for r in chunk]
+    prompts = [prompt(r["instruction"], r["input"] if use_input else None) for r in chunk]
     texts = tokenizer([p + r["output"] for p, r in zip(prompts, chunk)], add_special_tokens=False)["input_ids"]
     prompt_tokens = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     for text, prompt_part in zip(texts, prompt_tokens):
@@ -170,7 +172,7 @@ def tokenize_many(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Whisper features
+# Audio features
 
 
 def feature_filename(audio_id: str) -> str:
@@ -180,43 +182,24 @@ def feature_filename(audio_id: str) -> str:
   return "_".join(audio_id.split("/")[-4:-1]) + "_" + audio_id.split("/")[-1][: -len(extension) - 1] + ".npz"
 
 
-class WhisperFeatures:
-  """A Whisper encoder as LTU-AS's feature extractor (facts §1.2), jitted once per batch size.
+class AudioEncoder(Protocol):
+  """What computes a clip's features when the cache has none (`ltu_jax.features.WhisperFeatures`):
+  `shape` is one window's `(layers, tokens, dim)`; `load(audio_path)` → `[layers, windows * tokens, dim]`."""
 
-  `mel(audio_path)` → `[n_mels, 1000]`; `self(mel [batch, n_mels, 1000])` → `[batch, layers, 25, dim]`
-  float16, the original's storage dtype, whatever the encoder's compute dtype.
-  """
+  shape: tuple[int, ...]
 
-  def __init__(self, whisper: Loaded):
-    if whisper.kind != "whisper":
-      raise ValueError(f"{whisper.folder} holds a {whisper.kind!r} model; LTU-AS features need a Whisper model folder")
-    self.n_mels = whisper.config.num_mel_bins
-    graphdef, state = nnx.split(whisper.model.encoder)
-    self._state = state
-    self._encode = jax.jit(functools.partial(_encode_features, graphdef))
-    mel = jax.ShapeDtypeStruct((1, self.n_mels, LTU_AS_FRAMES), np.float32)
-    self.shape = tuple(jax.eval_shape(self._encode, state, mel).shape[1:])  # per clip: (layers, 25, dim)
-
-  def mel(self, audio_path: str) -> np.ndarray:
-    return ltu_as_mel(load_audio(audio_path), self.n_mels)
-
-  def __call__(self, mel: np.ndarray) -> np.ndarray:
-    return np.asarray(self._encode(self._state, mel)).astype(np.float16)
-
-
-def _encode_features(graphdef: nnx.GraphDef, state: nnx.State, mel: jax.Array) -> jax.Array:
-  _, hidden_states = nnx.merge(graphdef, state)(mel)
-  return ltu_as_features(hidden_states)
+  def load(self, audio_path: str) -> np.ndarray: ...
 
 
 class FeatureStore:
   """The feature cache: `cache_dir/<feature_filename(audio_id)>`, each an `.npz` with `arr_0`
-  `[layers, 25, dim]` float16, as the original's `extract_whisper_feature.py` writes.
+  `[layers, windows * tokens, dim]` float16, as the original's `extract_whisper_feature.py` writes (one
+  10 s window: `[layers, 25, dim]`).
 
-  With `whisper` (a loaded Whisper model folder), a clip without a cached file is encoded from its audio
-  (not written back). `shape` is the expected `(layers, 25, dim)`: by default the Whisper's, or else that
-  of a file already in the cache (they must all agree); pass the model's
-  `(feature_layers, audio_tokens, tltr.dim)` to check the cache against it.
+  With `encoder`, a clip without a cached file is encoded from its audio (not written back). `shape` is the
+  expected `(layers, tokens, dim)` of one window: by default the encoder's, or else that of a file already
+  in the cache; pass the model's to check the cache against it. A clip may fill up to `max_windows`
+  windows; a cached clip with more is cut to them, with a warning.
   """
 
   def __init__(
@@ -224,18 +207,25 @@ class FeatureStore:
     cache_dir: str | os.PathLike,
     *,
     shape: Sequence[int] | None = None,
-    whisper: Loaded | None = None,
+    encoder: AudioEncoder | None = None,
+    max_windows: int = 1,
     dtype: Any = np.float32,
   ):
     self.cache_dir = os.fspath(cache_dir)
-    self.encoder = None if whisper is None else WhisperFeatures(whisper)
+    self.encoder = encoder
     if shape is not None:
       self.shape = tuple(shape)
     else:
       self.shape = self.encoder.shape if self.encoder is not None else _cached_shape(self.cache_dir)
-    if self.encoder is not None and self.encoder.shape != self.shape:
-      raise ValueError(f"the Whisper model makes features of shape {self.encoder.shape}, not the expected {self.shape}")
+    if self.encoder is not None and tuple(self.encoder.shape) != self.shape:
+      raise ValueError(f"the audio encoder makes features of shape {self.encoder.shape}, not the expected {self.shape}")
+    self.max_windows = max_windows
     self.dtype = np.dtype(dtype)
+
+  @property
+  def max_tokens(self) -> int:
+    """Audio tokens of a clip that fills every window: the time axis batches are padded to."""
+    return self.shape[1] * self.max_windows
 
   def path(self, audio_id: str) -> str:
     return os.path.join(self.cache_dir, feature_filename(audio_id))
@@ -252,18 +242,24 @@ class FeatureStore:
     return None
 
   def load(self, audio_id: str) -> np.ndarray:
-    """`[layers, 25, dim]` in the store's dtype, from the cache or, without a cached file, from the audio."""
+    """`[layers, windows * tokens, dim]` in the store's dtype, from the cache or, without a cached file,
+    from the audio."""
     path = self.path(audio_id)
     if os.path.isfile(path):
       features = _read_feature(path)
-      if self.shape is not None and features.shape != self.shape:
-        raise DataError(f"feature file {path} (audio {audio_id}) has shape {features.shape}, expected {self.shape}")
+      layers, tokens, dim = self.shape
+      if features.ndim != 3 or (features.shape[0], features.shape[2]) != (layers, dim) or features.shape[1] % tokens:
+        raise DataError(
+          f"feature file {path} (audio {audio_id}) has shape {features.shape}, expected ({layers}, a multiple of {tokens}, {dim})"
+        )
+      if features.shape[1] > self.max_tokens:
+        log.warning("%s: features of %d windows, %d kept (max_windows)", path, features.shape[1] // tokens, self.max_windows)
+        features = features[:, : self.max_tokens]
     elif self.encoder is not None:
       try:
-        mel = self.encoder.mel(audio_id)
+        features = self.encoder.load(audio_id)
       except (OSError, ValueError) as error:
         raise DataError(f"cannot compute features of audio {audio_id}: {error}") from error
-      features = self.encoder(mel[None])[0]
     else:
       raise DataError(self.problem(audio_id))
     return features.astype(self.dtype)
@@ -316,10 +312,23 @@ def padded_length(length: int, multiple: int) -> int:
   return -(-length // multiple) * multiple
 
 
+def pad_audio(clips: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Clips' features `[layers, tokens_i, dim]` → `[B, layers, length, dim]` zero-padded on the time axis, and
+  the audio mask `[B, length]` int32 (1 on each clip's own tokens)."""
+  num_layers, _, dim = clips[0].shape
+  features = np.zeros((len(clips), num_layers, length, dim), clips[0].dtype)
+  mask = np.zeros((len(clips), length), np.int32)
+  for row, clip in enumerate(clips):
+    features[row, :, : clip.shape[1]] = clip
+    mask[row, : clip.shape[1]] = 1
+  return features, mask
+
+
 def collate(
   rows: Sequence[Tokenized],
-  features: np.ndarray,
+  clips: Sequence[np.ndarray],
   *,
+  audio_length: int,
   length: int,
   pad_id: int,
   padding_side: str,
@@ -329,13 +338,14 @@ def collate(
 
   Args:
     rows: B tokenized records, each at most `length` tokens.
-    features: `[B, layers, 25, dim]`.
+    clips: B clips' features `[layers, tokens, dim]` (tokens ≤ audio_length: 25 per 10 s window).
+    audio_length: the audio tokens every row is padded to (see `pad_audio`).
     padding_side: "left" (the original) or "right".
     train_on_inputs: targets are every real token; otherwise only tokens from each row's prompt_len on
       (`ltu_as.text_loss_mask` semantics).
   Returns:
-    `features` as given, `input_ids` `[B, length]` int32 (pad_id on padding), `attention_mask` `[B, length]`
-    int32, `loss_mask` `[B, length]` bool.
+    `features` `[B, layers, audio_length, dim]`, `audio_mask` `[B, audio_length]` int32, `input_ids`
+    `[B, length]` int32 (pad_id on padding), `attention_mask` `[B, length]` int32, `loss_mask` `[B, length]` bool.
   """
   input_ids = np.full((len(rows), length), pad_id, np.int32)
   attention_mask = np.zeros((len(rows), length), np.int32)
@@ -345,7 +355,11 @@ def collate(
     input_ids[row, start : start + len(ids)] = ids
     attention_mask[row, start : start + len(ids)] = 1
     loss_mask[row, start + (0 if train_on_inputs else prompt_len) : start + len(ids)] = True
-  return {"features": features, "input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+  features, audio_mask = pad_audio(clips, audio_length)
+  return {
+    "features": features, "audio_mask": audio_mask, "input_ids": input_ids, "attention_mask": attention_mask,
+    "loss_mask": loss_mask,
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +377,7 @@ class BatchOptions:
   padding_side: str = "left"
   pad_to_multiple_of: int = 8
   group_by_length: bool = True
+  use_input: bool = True  # the transcript (`input`) goes in the prompt
 
   def __post_init__(self):
     if self.padding_side not in ("left", "right"):
@@ -373,7 +388,7 @@ class TrainData:
   """Training batches by global step, for this process: a random-access source for grain.
 
   `data[step]` is a dict of numpy arrays for this process's contiguous slice of that step's global batch:
-  `features` `[B, layers, 25, dim]` (the store's dtype), `input_ids` `[B, S]` int32, `attention_mask`
+  `features` `[B, layers, A, dim]` (the store's dtype, A its `max_tokens`), `audio_mask` `[B, A]`, `input_ids` `[B, S]` int32, `attention_mask`
   `[B, S]` int32, `loss_mask` `[B, S]` bool, with B = batch_size and S the longest record of the global
   batch rounded up to `pad_to_multiple_of`, so every process has the same shapes. Rows are sorted longest
   first when grouping by length, so consecutive micro-batches have similar lengths. Records are
@@ -400,7 +415,8 @@ class TrainData:
     # grain needs a length: without an epoch count, more steps than any run takes
     self.num_steps = sys.maxsize if options.num_epochs is None else self.steps_per_epoch * options.num_epochs
     tokenized = tokenize_many(
-      records, tokenizer, cutoff_len=options.cutoff_len, bos_id=options.bos_id, eos_id=options.eos_id
+      records, tokenizer, cutoff_len=options.cutoff_len, bos_id=options.bos_id, eos_id=options.eos_id,
+      use_input=options.use_input,
     )
     self.lengths = np.array([len(t.input_ids) for t in tokenized], np.int32)
     self.prompt_lens = np.array([t.prompt_len for t in tokenized], np.int32)
@@ -435,10 +451,11 @@ class TrainData:
     length = padded_length(int(self.lengths[global_batch].max()), options.pad_to_multiple_of)
     mine = global_batch[self.process_index * options.batch_size :][: options.batch_size]
     rows = [Tokenized(self.tokens[self.offsets[i] : self.offsets[i + 1]], int(self.prompt_lens[i])) for i in mine]
-    features = np.stack([self.features.load(self.clips[self.clip_of[i]]) for i in mine])
+    clips = [self.features.load(self.clips[self.clip_of[i]]) for i in mine]
     return collate(
       rows,
-      features,
+      clips,
+      audio_length=self.features.max_tokens,
       length=length,
       pad_id=options.pad_id,
       padding_side=options.padding_side,

@@ -40,7 +40,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ltu_jax import data, infer, tiny_data
-from ltu_jax.generate import LTU_AS_SAMPLING, SamplingConfig
+from ltu_jax import features as audio_features
+from ltu_jax.generate import SamplingConfig
 from ltu_jax.model_folder import Loaded
 
 # A label field's vocabulary: class → the words that name it in an answer (lowercase, whole words).
@@ -241,14 +242,14 @@ def compare(before: dict[str, Score], after: dict[str, Score]) -> str:
 # Prediction
 
 
-def feature_store(loaded: Loaded, records: Sequence[dict[str, Any]], cache_dir: str | os.PathLike) -> data.FeatureStore:
+def feature_store(
+  loaded: Loaded, records: Sequence[dict[str, Any]], cache_dir: str | os.PathLike, max_windows: int | None = None
+) -> data.FeatureStore:
   """The cache of `loaded`'s feature shape; with the folder's Whisper only if some clip is not cached."""
-  config = loaded.config
-  shape = (config.feature_layers, config.audio_tokens, config.tltr.dim)
-  store = data.FeatureStore(cache_dir, shape=shape)
+  store = audio_features.store(loaded, cache_dir, max_windows=max_windows)
   if all(os.path.isfile(store.path(record["audio_id"])) for record in records):
     return store
-  return data.FeatureStore(cache_dir, shape=shape, whisper=infer.load_whisper(loaded)[0])
+  return audio_features.store(loaded, cache_dir, audio_features.for_model(loaded, max_windows), max_windows)
 
 
 def predict(
@@ -256,32 +257,29 @@ def predict(
   records: Sequence[dict[str, Any]],
   store: data.FeatureStore | None,
   *,
-  sampling: SamplingConfig = LTU_AS_SAMPLING,
+  sampling: SamplingConfig | None = None,
   mode: str = "joint",
   key: jax.Array | None = None,
   batch_size: int = 16,
   progress: bool = True,
 ) -> list[str]:
-  """LTU-AS's answer to each record, in batches of `batch_size` (the last one padded with repeats, so one
-  compiled decode serves all). `store` gives the features (None in asr_only mode); batch b samples with
-  `fold_in(key, b)`."""
+  """The model's answer to each record, in batches of `batch_size` (the engine pads the last one into its
+  bucket). `store` gives the features (None in asr_only mode); batch b samples with `fold_in(key, b)`."""
   predictions: list[str] = []
   with tqdm(total=len(records), unit=" questions", file=sys.stderr, disable=not progress) as bar:
     for batch, start in enumerate(range(0, len(records), batch_size)):
       chunk = list(records[start : start + batch_size])
-      chunk += [chunk[-1]] * (batch_size - len(chunk))
-      features = None
+      audio_in = None
       if mode != "asr_only":
         # questions share clips: load each once
         clips = {audio_id: store.load(audio_id) for audio_id in dict.fromkeys(r["audio_id"] for r in chunk)}
-        features = np.stack([clips[record["audio_id"]] for record in chunk])
+        audio_in = data.pad_audio([clips[record["audio_id"]] for record in chunk], store.max_tokens)
       answers = infer.respond(
-        loaded, [r["instruction"] for r in chunk], [r["input"] for r in chunk], features,
+        loaded, [r["instruction"] for r in chunk], [r["input"] for r in chunk], audio_in,
         mode=mode, sampling=sampling, key=None if key is None else jax.random.fold_in(key, batch),
       )
-      real = min(batch_size, len(records) - start)
-      predictions += answers[:real]
-      bar.update(real)
+      predictions += answers
+      bar.update(len(chunk))
   return predictions
 
 
@@ -301,21 +299,26 @@ def evaluate(
   out: str | os.PathLike | None = None,
   batch_size: int = 16,
   limit: int | None = None,
-  sampling: SamplingConfig = LTU_AS_SAMPLING,
+  sampling: SamplingConfig | None = None,
   mode: str = "joint",
   key: jax.Array | None = None,
   vocabulary: dict[str, Vocabulary] | None = None,
   progress: bool = True,
+  max_windows: int | None = None,
 ) -> dict[str, Score]:
   """Answers the records of `data_path` (the first `limit`), writes the predictions to `out` (JSON lines)
-  and returns the scores per task. `model` is an LTU-AS folder or a loaded one; `features` the cache dir."""
-  loaded = infer.load_ltu_as(model) if isinstance(model, (str, os.PathLike)) else infer.require_ltu_as(model)
+  and returns the scores per task. `model` is an audio-language model folder or a loaded one; `features` the
+  cache dir; `max_windows` the 10 s windows a clip may fill (default: the model's)."""
+  if isinstance(model, (str, os.PathLike)):
+    loaded = infer.load_model(model, "eval")
+  else:
+    loaded = infer.require_audio_llm(model, "eval")
   infer.check_mode(mode)
   records, _ = data.read_records(data_path)
   records = records[:limit]
   store = None
   if mode != "asr_only":
-    store = feature_store(loaded, records, features)
+    store = feature_store(loaded, records, features, max_windows)
     for record in records:
       if (problem := store.problem(record["audio_id"])) is not None:
         raise data.DataError(f"{data_path}: {problem}")
@@ -329,7 +332,7 @@ def evaluate(
   return score(records, predictions, vocabulary)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m ltu_jax.eval", description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", required=True, help="an LTU-AS model folder")
   parser.add_argument("--data", required=True, help="LTU records (.json list or .jsonl)")
@@ -337,16 +340,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", help="write the predictions here as JSON lines")
   parser.add_argument("--limit", type=int, help="answer only the first N records")
   infer.add_generation_arguments(parser, batch_size=16)
-  args = parser.parse_args(argv)
-  if args.batch_size < 1 or args.max_new_tokens < 1:
-    parser.error("--batch-size and --max-new-tokens must be at least 1")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  cli = parser()
+  args = cli.parse_intermixed_args(argv)
+  infer.check_arguments(cli, args)
   try:
-    loaded = infer.load_ltu_as(args.model)
+    loaded = infer.load_model(args.model, "eval", dtype=args.dtype)
   except (FileNotFoundError, ValueError) as error:
-    parser.error(str(error))
+    cli.error(str(error))
   scores = evaluate(
     loaded, args.data, args.features, out=args.out, batch_size=args.batch_size, limit=args.limit,
-    sampling=infer.sampling_from_args(args), mode=args.mode, key=jax.random.key(args.seed),
+    sampling=infer.sampling_from_args(args, loaded), mode=args.mode, key=jax.random.key(args.seed),
+    max_windows=args.max_windows,
   )
   print(table(scores))
   return 0

@@ -4,7 +4,8 @@
       --out CACHE_DIR [--batch-size 8] [--dtype float32] [--skip-bad]
 
 Each unique `audio_id` becomes `CACHE_DIR/<feature_filename(audio_id)>`, an `.npz` with `arr_0`
-`[layers, 25, dim]` float16, as the original's `extract_whisper_feature.py` writes. Files are written
+`[layers, 25, dim]` float16, as the original's `extract_whisper_feature.py` writes (with `--max-windows W`, a
+clip longer than 10 s gives `[layers, w * 25, dim]`, its first w ≤ W windows in order). Files are written
 under a temporary name and renamed, so a killed run leaves no truncated file, and a re-run skips the clips
 already done. `--dtype` is the encoder's compute dtype: float32 gives the features of the paper's
 `ltuas_ori_paper` ("old GPU"), float16 those of the released `*_a6` checkpoints ("new GPU") (facts §1.2);
@@ -24,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 import ltu_jax
-from ltu_jax.data import DataError, WhisperFeatures, feature_filename, read_records
+from ltu_jax.data import DataError, feature_filename, read_records
+from ltu_jax.features import WhisperFeatures
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +103,8 @@ def extract(
         bad += 1
       good = [(audio_id, mel) for audio_id, mel, problem in batch if problem is None]
       if good:
-        # a full batch every call, so the encoder compiles once
-        mels = np.zeros((batch_size, *good[0][1].shape), np.float32)
-        mels[: len(good)] = [mel for _, mel in good]
-        for (audio_id, _), features in zip(good, encoder(mels)):
+        # the encoder pads its batches of windows into a few fixed sizes, so it compiles a few times at most
+        for (audio_id, _), features in zip(good, encoder.clips([mel for _, mel in good])):
           write_feature(os.path.join(out, feature_filename(audio_id)), features)
         written += len(good)
       bar.update(len(batch))
@@ -118,12 +118,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="the feature cache folder")
   parser.add_argument("--batch-size", type=int, default=8, help="clips per encoder call")
   parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="encoder compute dtype")
+  parser.add_argument(
+    "--max-windows", type=int, default=1,
+    help="10 s windows kept per clip, 25 audio tokens each (default 1: the release's first 10 s); longer audio is dropped with a warning",
+  )
   parser.add_argument("--skip-bad", action="store_true", help="log and skip bad records and audio instead of stopping")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:
     audio_ids = unique_audio_ids(args.data, skip_bad=args.skip_bad)
-    encoder = WhisperFeatures(ltu_jax.load(args.whisper, dtype=args.dtype, tokenizer=False))
+    encoder = WhisperFeatures(ltu_jax.load(args.whisper, dtype=args.dtype, tokenizer=False), args.max_windows)
     written, cached, bad = extract(audio_ids, encoder, args.out, batch_size=args.batch_size, skip_bad=args.skip_bad)
   except DataError as error:
     log.error("%s", error)

@@ -1,8 +1,22 @@
-"""KV-cache decoding for the LLaMA family and LTU-AS: greedy or sampled, batched over left-padded prompts.
+"""The one decoding engine: Whisper's decoder, the LLM and LTU-AS all decode here.
 
-The next token is chosen as Hugging Face `generate` chooses it: repetition penalty on every token already in
-the prompt or the output, then (when sampling) temperature, top-k and top-p; rows that produced an eos id
-are padded afterwards. The whole decode (prefill and every step) is one jitted function.
+A model speaks the engine's protocol, and the engine never looks at what its context is (audio features,
+a log-mel, nothing):
+- `init_cache(batch, max_len)` → an empty `KVCache`;
+- `prefill(context, input_ids, attention_mask, cache)` → (logits `[batch, len, vocab]`, cache, carry): the
+  prompt (with the context, e.g. LTU-AS's audio or Whisper's mel) goes in;
+- `decode_step(carry, input_ids [batch, 1], cache)` → (logits `[batch, 1, vocab]`, cache): one token more
+  (`carry` is what the prefill computed once, e.g. Whisper's cross-attention keys and values).
+
+Prefill and the decode loop are one jitted function (a `while_loop`: one dispatch per batch, no host round
+trip per token, and it stops once every row has ended). Its shapes come from a short fixed list: the batch
+is padded up to one of `BATCH_BUCKETS` (copies of the first row, which never keep the loop running) and
+the prompt is left-padded to a power of two (`prompt_bucket`), so a long evaluation compiles once per
+bucket used, not once per batch. `compilations()` counts the traces.
+
+The next token is chosen as Hugging Face `generate` chooses it: suppressed tokens removed (Whisper's
+suppress lists), repetition penalty on every token already in the prompt or the output, then (when
+sampling) temperature, top-k and top-p; rows that produced an eos id are padded afterwards.
 """
 
 from __future__ import annotations
@@ -17,9 +31,24 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from ltu_jax.models.layers import KVCache
-from ltu_jax.models.llama import Llama
-from ltu_jax.models.ltu_as import LtuAs
+# The compiled shapes: batch sizes, and prompt lengths rounded up to powers of two (`prompt_bucket`).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+_traces = 0
+
+
+def compilations() -> int:
+  """How many times the engine has traced (so compiled) its decode function in this process."""
+  return _traces
+
+
+def batch_bucket(batch: int) -> int:
+  """The smallest of `BATCH_BUCKETS` that holds `batch` rows (larger batches are decoded in chunks)."""
+  return next((b for b in BATCH_BUCKETS if b >= batch), BATCH_BUCKETS[-1])
+
+
+def prompt_bucket(length: int) -> int:
+  """Prompt lengths are left-padded to the next power of two."""
+  return 1 << max(0, length - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +76,8 @@ class SamplingConfig:
 LTU_AS_SAMPLING = SamplingConfig(
   max_new_tokens=400, do_sample=True, temperature=0.1, top_k=500, top_p=0.95, repetition_penalty=1.1
 )
+# Whisper's untimed greedy search; `transcribe` caps the length at what the decoder's positions hold.
+WHISPER_SAMPLING = SamplingConfig(max_new_tokens=448)
 
 
 class Generated(NamedTuple):
@@ -58,61 +89,87 @@ class Generated(NamedTuple):
 
 
 def generate(
-  model: Llama | LtuAs,
+  model: nnx.Module,
   input_ids: ArrayLike,
   attention_mask: ArrayLike | None = None,
   *,
-  features: ArrayLike | None = None,
+  context: Any = None,
   sampling: SamplingConfig = SamplingConfig(),
   eos_ids: Sequence[int] = (),
   pad_id: int = 0,
   key: jax.Array | None = None,
+  suppress: tuple[ArrayLike, ArrayLike] | None = None,
 ) -> Generated:
   """Continues each prompt of a batch.
 
   Args:
-    model: a `Llama` or an `LtuAs`.
+    model: any model of the engine's protocol (see the module docstring).
     input_ids: `[batch, len]` prompts, left-padded (see `left_pad`).
     attention_mask: `[batch, len]`, 0 on the padding; all ones when None.
-    features: `[batch, layers, time, whisper_dim]` audio features for LTU-AS (None: text only).
+    context: what the model's prefill takes beside the prompt, with a leading batch axis on every array
+      (LTU-AS: features or `(features, audio_mask)`; Whisper: the log-mel); None for text only.
     sampling: greedy or sampling settings.
     eos_ids: tokens that end a row.
     pad_id: what follows the end of a row.
     key: random key, needed when `sampling.do_sample`.
+    suppress: boolean `[vocab]` masks of tokens never chosen: (at the first new token, after it).
+  Returns:
+    The new tokens of each row, in the order given.
   """
   if sampling.do_sample and key is None:
     raise ValueError("sampling needs a random key: pass key=jax.random.key(seed)")
-  if features is not None and not isinstance(model, LtuAs):
-    raise ValueError(f"audio features need an LTU-AS model, got {type(model).__name__}")
-  input_ids = jnp.asarray(input_ids, jnp.int32)
-  attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+  input_ids = np.asarray(input_ids, np.int32)
+  attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
   key = jax.random.key(0) if key is None else key
-  return _generate(model, features, input_ids, attention_mask, key, sampling, tuple(eos_ids), pad_id)
+  vocab_masks = None if suppress is None else tuple(jnp.asarray(m, bool) for m in suppress)
+  batch, limit = len(input_ids), BATCH_BUCKETS[-1]
+  chunks = []
+  for start in range(0, batch, limit):
+    rows = slice(start, start + limit)
+    chunk_context = jax.tree.map(lambda x: x[rows], context)
+    chunk_key = key if start == 0 else jax.random.fold_in(key, start)
+    chunks.append(_bucketed(model, input_ids[rows], attention_mask[rows], chunk_context, chunk_key, sampling,
+                            tuple(eos_ids), pad_id, vocab_masks))
+  return Generated(*(jnp.concatenate(parts) for parts in zip(*chunks)))
 
 
-def _forward(model: Llama | LtuAs, features: jax.Array | None, ids: jax.Array, mask: jax.Array, cache: KVCache):
-  """One cached call of either model: LTU-AS takes the audio first (None once it is in the cache)."""
-  if isinstance(model, LtuAs):
-    return model(features, ids, mask, cache=cache)
-  return model(ids, mask, cache=cache)
+def _bucketed(model, input_ids, attention_mask, context, key, sampling, eos_ids, pad_id, suppress) -> Generated:
+  """Pads one batch into its bucket (rows copied from the first, left padding to the prompt bucket),
+  decodes it, and returns the real rows."""
+  batch, length = input_ids.shape
+  extra_rows, extra_columns = batch_bucket(batch) - batch, prompt_bucket(length) - length
+
+  def pad_rows(x):
+    x = jnp.asarray(x)
+    return jnp.concatenate([x, jnp.repeat(x[:1], extra_rows, axis=0)]) if extra_rows else x
+
+  input_ids = np.pad(input_ids, ((0, 0), (extra_columns, 0)), constant_values=pad_id)
+  attention_mask = np.pad(attention_mask, ((0, 0), (extra_columns, 0)))
+  active = np.arange(batch + extra_rows) < batch
+  out = _generate(
+    model, jax.tree.map(pad_rows, context), pad_rows(input_ids), pad_rows(attention_mask), jnp.asarray(active),
+    key, suppress, sampling, eos_ids, pad_id,
+  )
+  return Generated(out.tokens[:batch], out.lengths[:batch])
 
 
-# A jitted `while_loop` rather than a Python loop around a jitted step: one dispatch for the whole answer,
-# no host round trip per token, and, unlike `scan`, it stops as soon as every row has ended.
 @functools.partial(nnx.jit, static_argnames=("sampling", "eos_ids", "pad_id"))
-def _generate(model, features, input_ids, attention_mask, key, sampling, eos_ids, pad_id) -> Generated:
+def _generate(model, context, input_ids, attention_mask, active, key, suppress, sampling, eos_ids, pad_id) -> Generated:
+  global _traces
+  _traces += 1  # runs once per trace, that is once per compilation
   batch, prompt_len = input_ids.shape
-  llm = model.llm if isinstance(model, LtuAs) else model
-  audio_len = 0 if features is None else model.config.audio_tokens
   # The last new token is never fed back, so the cache needs one slot less than the full sequence.
-  cache = llm.init_cache(batch, audio_len + prompt_len + sampling.max_new_tokens - 1)
-  logits, cache = _forward(model, features, input_ids, attention_mask, cache)
+  audio_len = _context_tokens(model, context)
+  cache = model.init_cache(batch, audio_len + prompt_len + sampling.max_new_tokens - 1)
+  logits, cache, carry = model.prefill(context, input_ids, attention_mask, cache)
   rows = jnp.arange(batch)
   seen = jnp.zeros((batch, logits.shape[-1]), bool).at[rows[:, None], input_ids].max(attention_mask.astype(bool))
   eos = jnp.asarray(eos_ids, jnp.int32)
 
   def emit(step, logits, tokens, lengths, done, seen):
     """Chooses token `step` from `logits` `[batch, vocab]` and records it."""
+    if suppress is not None:
+      logits = jnp.where(jnp.where(step == 0, suppress[0], suppress[1]), -jnp.inf, logits)
     token = next_token(logits, seen, jax.random.fold_in(key, step), sampling)
     token = jnp.where(done, pad_id, token)
     tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
@@ -122,20 +179,26 @@ def _generate(model, features, input_ids, attention_mask, key, sampling, eos_ids
 
   tokens = jnp.full((batch, sampling.max_new_tokens), pad_id, jnp.int32)
   lengths = jnp.zeros((batch,), jnp.int32)
-  first = emit(0, logits[:, -1], tokens, lengths, jnp.zeros((batch,), bool), seen)
+  first = emit(0, logits[:, -1], tokens, lengths, ~active, seen)
 
-  def unfinished(carry):
-    step, _, _, done, _, _ = carry
+  def unfinished(state):
+    step, _, _, done, _, _ = state
     return (step < sampling.max_new_tokens) & ~jnp.all(done)
 
-  def body(carry):
-    step, tokens, lengths, done, seen, cache = carry
+  def body(state):
+    step, tokens, lengths, done, seen, cache = state
     previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
-    logits, cache = _forward(model, None, previous, jnp.ones_like(previous), cache)
+    logits, cache = model.decode_step(carry, previous, cache)
     return (step + 1, *emit(step, logits[:, 0], tokens, lengths, done, seen), cache)
 
   _, tokens, lengths, _, _, _ = jax.lax.while_loop(unfinished, body, (jnp.int32(1), *first, cache))
   return Generated(tokens, lengths)
+
+
+def _context_tokens(model: nnx.Module, context: Any) -> int:
+  """Cache slots the context takes before the prompt (the model says, e.g. LTU-AS's audio tokens)."""
+  count = getattr(model, "context_tokens", None)
+  return 0 if count is None or context is None else count(context)
 
 
 def next_token(logits: jax.Array, seen: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
@@ -190,7 +253,7 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarra
 def complete(
   loaded: Any, prompt: str, sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None
 ) -> str:
-  """Continues `prompt` (tokenised as the tokenizer does by default) with a loaded "llama" model folder."""
+  """Continues `prompt` (tokenised as the tokenizer does by default) with a loaded LLM folder."""
   return _answer(loaded, loaded.tokenizer(prompt)["input_ids"], sampling, key)
 
 
@@ -208,8 +271,11 @@ def chat(
 
 
 def _answer(loaded: Any, prompt_ids: Sequence[int], sampling: SamplingConfig, key: jax.Array | None) -> str:
-  if loaded.kind != "llama" or loaded.tokenizer is None:
-    raise ValueError(f"text generation needs a 'llama' model folder with a tokenizer, got kind {loaded.kind!r}")
+  from ltu_jax import kinds  # the registry names this module's sampling presets
+
+  kinds.require(loaded.kind, "chat", kinds.CHATS, loaded.folder)
+  if loaded.tokenizer is None:
+    raise ValueError(f"{loaded.folder} has no tokenizer to chat with")
   eos_ids = loaded.extra.get("eos_token_ids", [])
   pad_id = loaded.extra.get("pad_token_id")
   pad_id = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)

@@ -1,14 +1,19 @@
-"""`python -m ltu_jax.infer --model LTU_AS_DIR [--question Q] [--mode joint|audio_only|asr_only] [--greedy]
-[--max-new-tokens N] [--seed S] [--jsonl] [--batch-size B] AUDIO...`: LTU-AS answers about audio files.
+"""`python -m ltu_jax.infer --model DIR [--question Q] [--mode joint|audio_only|asr_only] [--greedy]
+[--max-new-tokens N] [--max-windows W] [--dtype bfloat16] [--seed S] [--jsonl] [--batch-size B] AUDIO...`:
+an audio-language model (LTU-AS) answers about audio files.
 
 Each clip takes the original demo's two paths (ltu `src/ltu_as/inference_gradio.py`, facts §1.1):
-- the folder's Whisper (`LTU_AS_DIR/<extra["whisper"]>`) transcribes it (first 30 s, greedy; see
-  `ltu_jax.transcribe`), and "thanks for watching"-style hallucinations are removed;
-- the same Whisper's encoder turns its first 10 s into features `[layers, 25, dim]` (`data.WhisperFeatures`).
-The question and transcript make the `alpaca_short` prompt (`data.prompt`), BOS first; the audio tokens go
-before it, and `generate` answers with LTU-AS's sampling settings (`LTU_AS_SAMPLING`) unless `--greedy`.
-Modes (ltu `src/ltu_as/inference_batch.py`): `joint` (audio and transcript), `audio_only` (no `### Input:`
-section; no transcription), `asr_only` (the transcript without audio tokens).
+- the folder's Whisper (`DIR/<extra["whisper"]>`) transcribes it whole (`ltu_jax.transcribe`, long-form past
+  30 s), and "thanks for watching"-style hallucinations are removed;
+- the front end cuts it into 10 s windows (`ltu_jax.frontend`; up to `--max-windows`, by default what the
+  model was trained with, 1 for the release: longer audio is dropped with a warning naming the clip), and
+  the same Whisper's encoder turns each into 25 audio tokens' features (`ltu_jax.features`).
+The question (and, for a kind that reads it, the transcript) make the kind's prompt (`ltu_jax.kinds`), BOS
+first; the audio tokens go before it, and the decoding engine (`ltu_jax.generate`) answers with the kind's
+sampling settings unless `--greedy`. Modes (ltu `src/ltu_as/inference_batch.py`): `joint` (audio and
+transcript), `audio_only` (no `### Input:` section; no transcription), `asr_only` (the transcript without
+audio tokens). `--dtype bfloat16` casts the weights and the compute at load (logits stay fp32): what
+accelerators use; on CPU fp32 is faster.
 
 Output: one answer per file, in order, or with `--jsonl` one `{"audio", "question", "transcript", "answer"}`
 line per file. A file that cannot be read does not stop the others: its error goes to stderr (with
@@ -19,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
 import re
 import sys
@@ -28,51 +32,31 @@ from typing import NamedTuple, Sequence
 import jax
 import numpy as np
 
-from ltu_jax import audio, data, model_folder, transcribe
-from ltu_jax.generate import LTU_AS_SAMPLING, SamplingConfig, generate, left_pad
+from ltu_jax import audio, data, features, kinds, model_folder, transcribe
+from ltu_jax.generate import SamplingConfig, generate, left_pad
 from ltu_jax.model_folder import Loaded
 
 MODES = ("joint", "audio_only", "asr_only")
+DTYPES = ("float32", "bfloat16")
 DEFAULT_QUESTION = "What can be inferred from the spoken text and sounds? Why?"  # the demo's
-# Prompts are padded on the left to a multiple of this, so batches of similar prompts share one compiled decode.
-PROMPT_MULTIPLE = 32
 # Whisper's usual hallucination on silence or non-speech, which the demo deletes from its transcripts.
 HALLUCINATION = re.compile(r"thank(?:s| you) for watching[.!]?", re.IGNORECASE)
 
 
-def load_ltu_as(folder: str | os.PathLike, **options) -> Loaded:
-  """`model_folder.load` for an LTU-AS folder; any other folder fails before its weights are read."""
-  kind = model_folder.read_manifest(folder)["kind"]
-  if kind != "ltu_as":
-    raise ValueError(f"{folder} holds a {kind!r} model, not LTU-AS (make one with python -m conversion.ltu_as)")
-  return require_ltu_as(model_folder.load(folder, **options))
+def load_model(folder: str | os.PathLike, command: str = "infer", dtype: str | None = None, **options) -> Loaded:
+  """An audio-language model folder, its kind checked before any weight is read; `dtype` ("bfloat16")
+  casts the weights and the compute."""
+  model_folder.require(folder, command, kinds.AUDIO_LLM)
+  if dtype is not None:
+    options.update(param_dtype=dtype, dtype=dtype)
+  return require_audio_llm(model_folder.load(folder, **options), command)
 
 
-def require_ltu_as(loaded: Loaded) -> Loaded:
-  if loaded.kind != "ltu_as" or loaded.tokenizer is None:
-    raise ValueError(f"{loaded.folder} holds a {loaded.kind!r} model; answering needs an LTU-AS folder with a tokenizer")
+def require_audio_llm(loaded: Loaded, command: str = "infer") -> Loaded:
+  kinds.require(loaded.kind, command, kinds.AUDIO_LLM, loaded.folder)
+  if loaded.tokenizer is None:
+    raise ValueError(f"{loaded.folder} has no tokenizer; `{command}` needs one to write its prompts")
   return loaded
-
-
-def whisper_folder(loaded: Loaded) -> str:
-  """The Whisper model folder inside an LTU-AS folder (features and transcripts come from it)."""
-  folder = os.path.join(loaded.folder, loaded.extra.get("whisper", ""))
-  if "whisper" not in loaded.extra or not os.path.isfile(os.path.join(folder, model_folder.CONFIG_FILE)):
-    raise ValueError(
-      f"{loaded.folder} has no Whisper model folder (extra['whisper']); convert it with python -m conversion.ltu_as"
-    )
-  return folder
-
-
-def load_whisper(loaded: Loaded) -> tuple[Loaded, data.WhisperFeatures]:
-  """The Whisper of an LTU-AS folder and its feature extractor, loaded once per process."""
-  return _load_whisper(whisper_folder(loaded))
-
-
-@functools.lru_cache(maxsize=2)  # a large-v1 is 1.5 B parameters: not reloaded for every batch
-def _load_whisper(folder: str) -> tuple[Loaded, data.WhisperFeatures]:
-  whisper = model_folder.load(folder)
-  return whisper, data.WhisperFeatures(whisper)
 
 
 def clean_transcript(text: str) -> str:
@@ -81,70 +65,91 @@ def clean_transcript(text: str) -> str:
 
 
 class Heard(NamedTuple):
-  """What LTU-AS takes from a batch of clips: transcripts (None in audio_only mode) and Whisper features
-  `[batch, layers, 25, dim]` float32 (None in asr_only mode)."""
+  """What the model takes from a batch of clips: transcripts (None in audio_only mode), features
+  `[batch, layers, max_windows * 25, dim]` float32 and the audio mask `[batch, max_windows * 25]` (None in
+  asr_only mode)."""
 
   transcripts: list[str] | None
   features: np.ndarray | None
+  audio_mask: np.ndarray | None
+
+  @property
+  def audio(self) -> tuple[np.ndarray, np.ndarray] | None:
+    """The decoding engine's context: `(features, audio_mask)`, or None without audio."""
+    return None if self.features is None else (self.features, self.audio_mask)
 
 
-def hear(loaded: Loaded, waveforms: Sequence[np.ndarray], mode: str = "joint") -> Heard:
-  """Transcribes and encodes 16 kHz waveforms `[samples]` with the folder's Whisper, as `mode` needs."""
+def hear(
+  loaded: Loaded,
+  waveforms: Sequence[np.ndarray],
+  mode: str = "joint",
+  *,
+  names: Sequence[str] | None = None,
+  max_windows: int | None = None,
+  dtype: str | None = None,
+) -> Heard:
+  """Transcribes and encodes 16 kHz waveforms `[samples]` with the folder's Whisper, as `mode` needs;
+  `names` (file names) go into the warning about audio beyond `max_windows` windows."""
   check_mode(mode)
-  whisper, encoder = load_whisper(require_ltu_as(loaded))
-  transcripts = features = None
-  if mode != "audio_only":
+  require_audio_llm(loaded)
+  kind = kinds.get(loaded.kind)
+  whisper = features.load_whisper(features.whisper_folder(loaded), dtype)
+  transcripts = audio_features = audio_mask = None
+  if mode != "audio_only" and kind.uses_transcript:
     if whisper.tokenizer is None:
       raise ValueError(f"{whisper.folder} has no tokenizer to transcribe with; use --mode audio_only")
     transcripts = [clean_transcript(text) for text in transcribe.transcribe_batch(whisper, waveforms)]
   if mode != "asr_only":
-    mels = np.stack([audio.ltu_as_mel(waveform, encoder.n_mels) for waveform in waveforms])
+    extractor = features.for_model(loaded, max_windows, dtype)
+    names = names or [f"clip {i}" for i in range(len(waveforms))]
+    clips = extractor.clips([extractor.windows(w, name) for w, name in zip(waveforms, names)])
     # float16 then float32, as a cached feature reaches the model (`FeatureStore`)
-    features = encoder(mels).astype(np.float32)
-  return Heard(transcripts, features)
+    audio_features, audio_mask = data.pad_audio(clips, extractor.frontend.tokens(extractor.frontend.max_windows))
+    audio_features = audio_features.astype(np.float32)
+  return Heard(transcripts, audio_features, audio_mask)
 
 
 def respond(
   loaded: Loaded,
   questions: Sequence[str],
   transcripts: Sequence[str] | None,
-  features: np.ndarray | None,
+  audio_in: tuple[np.ndarray, np.ndarray] | np.ndarray | None,
   *,
   mode: str = "joint",
-  sampling: SamplingConfig = LTU_AS_SAMPLING,
+  sampling: SamplingConfig | None = None,
   key: jax.Array | None = None,
 ) -> list[str]:
-  """LTU-AS's answers for one batch of clips.
+  """The model's answers for one batch of clips.
 
   Args:
-    loaded: an LTU-AS model folder.
+    loaded: an audio-language model folder.
     questions: one instruction per clip.
     transcripts: one per clip ("" without speech), the `### Input:`; unused in audio_only mode.
-    features: `[batch, layers, 25, dim]` Whisper features; unused in asr_only mode.
+    audio_in: `(features [batch, layers, tokens, dim], audio_mask [batch, tokens])` or features alone
+      (`Heard.audio`); unused in asr_only mode.
     mode: "joint", "audio_only" or "asr_only".
-    sampling: how tokens are chosen; `key` is needed when it samples.
+    sampling: how tokens are chosen (default: the kind's); `key` is needed when it samples.
   Returns:
     The decoded new tokens of each clip, special tokens skipped, stripped.
   """
   check_mode(mode)
-  require_ltu_as(loaded)
-  if mode != "audio_only" and (transcripts is None or len(transcripts) != len(questions)):
+  kind = kinds.get(require_audio_llm(loaded).kind)
+  reads_transcript = mode != "audio_only" and kind.uses_transcript
+  if reads_transcript and (transcripts is None or len(transcripts) != len(questions)):
     raise ValueError(f"{mode} mode needs one transcript per question")
-  if mode != "asr_only" and (features is None or len(features) != len(questions)):
+  clip_features = audio_in[0] if isinstance(audio_in, tuple) else audio_in
+  if mode != "asr_only" and (clip_features is None or len(clip_features) != len(questions)):
     raise ValueError(f"{mode} mode needs features for each question")
   extra = loaded.extra
-  inputs = [None] * len(questions) if mode == "audio_only" else transcripts
-  prompts = [data.prompt(question, text) for question, text in zip(questions, inputs)]
+  inputs = transcripts if reads_transcript else [None] * len(questions)
+  prompts = [kind.prompt(question, text) for question, text in zip(questions, inputs)]
   token_lists = loaded.tokenizer(prompts, add_special_tokens=False)["input_ids"]
   pad_id = extra.get("pad_token_id") or 0
   ids, mask = left_pad([[extra["bos_token_id"], *tokens] for tokens in token_lists], pad_id)
-  extra_columns = -ids.shape[1] % PROMPT_MULTIPLE
-  ids = np.pad(ids, ((0, 0), (extra_columns, 0)), constant_values=pad_id)
-  mask = np.pad(mask, ((0, 0), (extra_columns, 0)))
   out = generate(
     loaded.model, ids, mask,
-    features=None if mode == "asr_only" else features,
-    sampling=sampling, eos_ids=extra["eos_token_ids"], pad_id=pad_id, key=key,
+    context=None if mode == "asr_only" else audio_in,
+    sampling=sampling or kind.sampling, eos_ids=extra["eos_token_ids"], pad_id=pad_id, key=key,
   )
   tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
   return [
@@ -157,18 +162,20 @@ def answer(
   clips: Sequence[np.ndarray | str | os.PathLike],
   questions: str | Sequence[str] = DEFAULT_QUESTION,
   *,
-  sampling: SamplingConfig = LTU_AS_SAMPLING,
+  sampling: SamplingConfig | None = None,
   mode: str = "joint",
   key: jax.Array | None = None,
+  max_windows: int | None = None,
 ) -> list[str]:
   """Answers about each clip, in one batch.
 
   Args:
-    loaded: an LTU-AS model folder (`load_ltu_as`).
+    loaded: an audio-language model folder (`load_model`).
     clips: audio file paths, or 16 kHz mono waveforms `[samples]`.
     questions: one question for every clip, or one per clip.
-    sampling: `LTU_AS_SAMPLING` (the original's) by default; sampling needs `key`.
+    sampling: the kind's (LTU-AS: the original's) by default; sampling needs `key`.
     mode: "joint", "audio_only" or "asr_only".
+    max_windows: 10 s windows a clip may fill (default: what the model was trained with).
   Returns:
     One answer per clip. A missing or undecodable file raises `FileNotFoundError` / `audio.AudioError`
     naming it.
@@ -176,11 +183,18 @@ def answer(
   waveforms = [
     audio.load_audio(clip) if isinstance(clip, (str, os.PathLike)) else np.asarray(clip, np.float32) for clip in clips
   ]
+  names = [os.fspath(clip) if isinstance(clip, (str, os.PathLike)) else f"clip {i}" for i, clip in enumerate(clips)]
   questions = [questions] * len(waveforms) if isinstance(questions, str) else list(questions)
   if len(questions) != len(waveforms):
     raise ValueError(f"{len(questions)} questions for {len(waveforms)} clips")
-  heard = hear(loaded, waveforms, mode)
-  return respond(loaded, questions, heard.transcripts, heard.features, mode=mode, sampling=sampling, key=key)
+  heard = hear(loaded, waveforms, mode, names=names, max_windows=max_windows, dtype=_dtype_of(loaded))
+  return respond(loaded, questions, heard.transcripts, heard.audio, mode=mode, sampling=sampling, key=key)
+
+
+def _dtype_of(loaded: Loaded) -> str | None:
+  """The compute dtype a loaded model was given, for its Whisper too (None: as stored)."""
+  dtype = getattr(loaded.config.llm, "dtype", None) if hasattr(loaded.config, "llm") else None
+  return None if dtype in (None, "float32") else dtype
 
 
 def check_mode(mode: str) -> None:
@@ -189,44 +203,62 @@ def check_mode(mode: str) -> None:
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
-  """The options shared by `infer` and `eval`: mode, sampling, length, seed and batch size."""
+  """The options shared by `infer` and `eval`: mode, sampling, length, windows, dtype, seed and batch size."""
   parser.add_argument("--mode", choices=MODES, default="joint", help="inputs given to the model (default: joint)")
   parser.add_argument(
     "--greedy", action="store_true",
-    help="greedy decoding (keeping the repetition penalty) instead of LTU-AS's sampling (T=0.1, top-p 0.95, top-k 500)",
+    help="greedy decoding (keeping the repetition penalty) instead of the kind's sampling (LTU-AS: T=0.1, top-p 0.95, top-k 500)",
   )
-  parser.add_argument("--max-new-tokens", type=int, default=LTU_AS_SAMPLING.max_new_tokens)
+  parser.add_argument("--max-new-tokens", type=int, help="default: the kind's (LTU-AS: 400)")
+  parser.add_argument("--max-windows", type=int, help="10 s windows a clip may fill (default: the model's)")
+  parser.add_argument("--dtype", choices=DTYPES, help="cast weights and compute at load (default: as stored)")
   parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
   parser.add_argument(
     "--batch-size", type=int, default=batch_size, help=f"questions answered together (default: {batch_size})"
   )
 
 
-def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
-  return dataclasses.replace(LTU_AS_SAMPLING, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy)
+def sampling_from_args(args: argparse.Namespace, loaded: Loaded) -> SamplingConfig:
+  """The kind's sampling with the command line's changes."""
+  sampling = dataclasses.replace(kinds.get(loaded.kind).sampling, do_sample=not args.greedy)
+  if args.max_new_tokens is not None:
+    sampling = dataclasses.replace(sampling, max_new_tokens=args.max_new_tokens)
+  return sampling
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  for name in ("batch_size", "max_new_tokens", "max_windows"):
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m ltu_jax.infer", description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", required=True, help="an LTU-AS model folder (python -m conversion.ltu_as)")
   parser.add_argument("--question", default=DEFAULT_QUESTION, help=f"asked about every file (default: {DEFAULT_QUESTION!r})")
   parser.add_argument("--jsonl", action="store_true", help='print {"audio", "question", "transcript", "answer"} lines')
   add_generation_arguments(parser, batch_size=8)
   parser.add_argument("audio", nargs="+", help="audio files (any format libsndfile reads)")
-  args = parser.parse_args(argv)
-  if args.batch_size < 1 or args.max_new_tokens < 1:
-    parser.error("--batch-size and --max-new-tokens must be at least 1")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  cli = parser()
+  args = cli.parse_intermixed_args(argv)
+  check_arguments(cli, args)
   try:
-    loaded = load_ltu_as(args.model)
-    whisper_folder(loaded)
+    loaded = load_model(args.model, dtype=args.dtype)
+    features.whisper_folder(loaded)
   except (FileNotFoundError, ValueError) as error:
-    parser.error(str(error))
-  sampling, key = sampling_from_args(args), jax.random.key(args.seed)
+    cli.error(str(error))
+  sampling, key = sampling_from_args(args, loaded), jax.random.key(args.seed)
 
   def respond_batch(waveforms: dict[int, np.ndarray], batch: int) -> dict[int, tuple[dict, str]]:
-    heard = hear(loaded, list(waveforms.values()), args.mode)
+    names = [args.audio[batch * args.batch_size + index] for index in waveforms]
+    heard = hear(loaded, list(waveforms.values()), args.mode, names=names, max_windows=args.max_windows, dtype=args.dtype)
     answers = respond(
-      loaded, [args.question] * len(waveforms), heard.transcripts, heard.features,
+      loaded, [args.question] * len(waveforms), heard.transcripts, heard.audio,
       mode=args.mode, sampling=sampling, key=jax.random.fold_in(key, batch),
     )
     transcripts = heard.transcripts or [None] * len(waveforms)
@@ -236,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
 
   return audio.answer_files(args.audio, args.batch_size, respond_batch, args.jsonl)
+
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -1,7 +1,7 @@
 """The model folder: what every conversion writes and every command takes as `--model`.
 
     FOLDER/
-      ltu_jax.json   {"kind": "whisper" | "llama" | "ltu_as", "config": {...}, "extra": {...}}
+      ltu_jax.json   {"kind": a name of `ltu_jax.kinds`, "config": {...}, "extra": {...}}
       params/        the parameters, an orbax checkpoint of the model's state
       tokenizer.json, tokenizer_config.json, ...   a Hugging Face tokenizer (AutoTokenizer loads it)
 
@@ -23,18 +23,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ltu_jax.models.llama import Llama, LlamaConfig
-from ltu_jax.models.ltu_as import LtuAs, LtuAsConfig
-from ltu_jax.models.whisper import Whisper, WhisperConfig
+from ltu_jax import kinds
+from ltu_jax.models.lora import LoRAConfig, LoRAParam
 
 CONFIG_FILE = "ltu_jax.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
-KINDS: dict[str, tuple[type, type]] = {
-  "whisper": (WhisperConfig, Whisper),
-  "llama": (LlamaConfig, Llama),
-  "ltu_as": (LtuAsConfig, LtuAs),
-}
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -130,8 +124,7 @@ def save(folder: str | os.PathLike, model: nnx.Module, kind: str, extra: dict[st
 
   In a multi-process run only process 0 may call it, with arrays it holds whole (see `this_process`)."""
   folder = os.path.abspath(folder)
-  if kind not in KINDS:
-    raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(KINDS)}")
+  kinds.get(kind)
   state = _process_local_state(model)  # before anything is written: it may refuse this process
   os.makedirs(folder, exist_ok=True)
   if os.path.exists(os.path.join(folder, PARAMS_DIR)):
@@ -167,9 +160,14 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     raise FileNotFoundError(f"{folder} is not an ltu-jax model folder: {CONFIG_FILE} is missing (convert a checkpoint first)")
   with open(path) as f:
     manifest = json.load(f)
-  if manifest.get("kind") not in KINDS:
-    raise ValueError(f"{path}: 'kind' is {manifest.get('kind')!r}; expected one of {sorted(KINDS)}")
+  if manifest.get("kind") not in kinds.KINDS:
+    raise ValueError(f"{path}: 'kind' is {manifest.get('kind')!r}; expected one of {sorted(kinds.KINDS)}")
   return manifest
+
+
+def require(folder: str | os.PathLike, command: str, needs: str) -> kinds.Kind:
+  """The folder's kind if `command` applies to it (`kinds.require`), checked before any weight is read."""
+  return kinds.require(read_manifest(folder)["kind"], command, needs, str(folder))
 
 
 def load(
@@ -178,27 +176,39 @@ def load(
   param_dtype: str | None = None,
   tokenizer: bool = True,
   configure: Callable[[Any], Any] | None = None,
+  lora: LoRAConfig | None = None,
+  seed: int = 0,
   **overrides: Any,
 ) -> Loaded:
   """Loads any model folder. `param_dtype` casts the stored weights; `overrides` replace config fields
   of the model and its parts (e.g. `dtype="bfloat16"` for bf16 compute, `remat=True`); `configure` maps
-  the config to another one of the same shapes (e.g. a training LoRA dropout). The tokenizer is loaded
-  when the folder has one and `tokenizer` is true."""
+  the config to another one of the same shapes (e.g. a training LoRA dropout). With `lora`, an LLM that
+  has no adapters gets fresh ones of that shape (B zero, so the model is unchanged; A drawn from `seed`);
+  adapters the folder has are kept. The tokenizer is loaded when the folder has one and `tokenizer` is true."""
   folder = os.path.abspath(folder)
   manifest = read_manifest(folder)
-  config_cls, model_cls = KINDS[manifest["kind"]]
-  config = config_from_dict(config_cls, manifest["config"], f"{folder}/{CONFIG_FILE}")
+  kind = kinds.get(manifest["kind"])
+  stored = config_from_dict(kind.config, manifest["config"], f"{folder}/{CONFIG_FILE}")
   if param_dtype is not None:
     overrides["param_dtype"] = param_dtype
-  config = _with_overrides(config, overrides)
+  config = _with_overrides(stored, overrides)
+  if lora is not None:
+    config = _with_lora(config, lora)
   if configure is not None:
     config = configure(config)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0))))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: kind.model(config, rngs=nnx.Rngs(seed))))
   # On this process's first device: the saved placement may name devices another process does not have.
   local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), nnx.to_pure_dict(abstract))
+  added = lora is not None and _with_lora(stored, lora) != stored
+  if added:
+    # The folder has no adapters: restore everything else, then draw the adapters as a fresh model would.
+    fresh = nnx.to_pure_dict(jax.jit(lambda: nnx.state(kind.model(config, rngs=nnx.Rngs(seed)), LoRAParam))())
+    target = _without(target, fresh)
   with ocp.StandardCheckpointer(multiprocessing_options=this_process()) as checkpointer:
     restored = checkpointer.restore(os.path.join(folder, PARAMS_DIR), target)
+  if added:
+    restored = _merged(restored, jax.device_put(fresh, local))
   nnx.replace_by_pure_dict(abstract, restored)
   text = None
   if tokenizer and any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
@@ -206,6 +216,38 @@ def load(
 
     text = transformers.AutoTokenizer.from_pretrained(folder)
   return Loaded(manifest["kind"], config, nnx.merge(graphdef, abstract), text, manifest["extra"], folder)
+
+
+def _with_lora(config: Any, lora: LoRAConfig) -> Any:
+  """`config` with `lora` on every LLM inside it that has no adapters yet."""
+  changes = {}
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if field.name == "lora":
+      if value is None:
+        changes["lora"] = lora
+    elif dataclasses.is_dataclass(value):
+      changes[field.name] = _with_lora(value, lora)
+  return dataclasses.replace(config, **changes)
+
+
+def _without(tree: dict, remove: dict) -> dict:
+  """The nested dict `tree` less the leaves that `remove` has."""
+  out = {}
+  for k, v in tree.items():
+    if k not in remove:
+      out[k] = v
+    elif isinstance(v, dict):
+      out[k] = _without(v, remove[k])
+  return out
+
+
+def _merged(tree: dict, more: dict) -> dict:
+  """The nested dicts `tree` and `more` in one (their leaves do not overlap)."""
+  out = dict(tree)
+  for k, v in more.items():
+    out[k] = _merged(out.get(k, {}), v) if isinstance(v, dict) else v
+  return out
 
 
 def _with_overrides(config: Any, overrides: dict[str, Any]) -> Any:

@@ -35,7 +35,8 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from ltu_jax import data, model_folder
+from ltu_jax import data, kinds, model_folder
+from ltu_jax import features as audio_features
 from ltu_jax.models import layers
 from ltu_jax.models.tltr import TLTR
 
@@ -162,11 +163,10 @@ def pretrain(
   """
   if os.path.exists(os.path.join(out, model_folder.CONFIG_FILE)):
     raise FileExistsError(f"{out} already holds a model; choose a new output folder")
+  model_folder.require(model, "pretrain_tltr", kinds.AUDIO_LLM)
   loaded = model_folder.load(model)
-  if loaded.kind != "ltu_as":
-    raise ValueError(f"{model} holds a {loaded.kind!r} model; TLTR pretraining needs an LTU-AS model folder")
   mc = loaded.model.config
-  store = data.FeatureStore(features, shape=(mc.feature_layers, mc.audio_tokens, mc.tltr.dim))
+  store = audio_features.store(loaded, features, max_windows=1)  # tags are learnt on each clip's first window
   records = labelled_records(train, store)
   tags = tag_names(records, keys, train)
   train_clips = read_clips(records, train, store, tags, keys)

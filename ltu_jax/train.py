@@ -30,8 +30,8 @@ import orbax.checkpoint as ocp
 from flax import nnx, struct
 from jax.experimental import multihost_utils
 
-from ltu_jax import data, model_folder, sharding
-from ltu_jax.models.lora import LoRAParam
+from ltu_jax import data, features, kinds, model_folder, sharding
+from ltu_jax.models.lora import LoRAConfig
 from ltu_jax.models.ltu_as import lm_loss
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -76,13 +76,25 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def trainable_filter(kind: str) -> Any:
-  """Stage 1 trains the projection only; later stages TLTR, the projection and the LoRA adapters."""
-  if kind == "proj":
-    return nnx.PathContains("audio_proj")
-  if kind == "all":
-    return nnx.Any(nnx.PathContains("audio_encoder"), nnx.PathContains("audio_proj"), LoRAParam)
-  raise ValueError(f"trainable must be 'proj' or 'all', got {kind!r}")
+def path_name(path: tuple[Any, ...]) -> str:
+  """A parameter's path as the kinds' group expressions read it: "llm/layers/self_attn/q_proj/lora_a"."""
+  return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
+
+
+def group_names(kind: kinds.Kind, names: Any, setting: str) -> tuple[str, ...]:
+  """The groups a setting names (a tuple, or one comma-separated string), each checked against the kind's."""
+  names = tuple(names.split(",")) if isinstance(names, str) else tuple(names)
+  known = tuple(name for name, _ in kind.groups)
+  if unknown := sorted(set(names) - set(known)):
+    raise KeyError(f"{setting}: unknown parameter groups {unknown}; a {kind.name} model's groups are {known}")
+  return names
+
+
+def trainable_filter(kind: kinds.Kind, groups: Any) -> Any:
+  """An nnx filter: the parameters of the named groups (stage 1: the projection; later stages TLTR, the
+  projection and the LoRA adapters)."""
+  chosen = set(group_names(kind, groups, "trainable"))
+  return lambda path, _: kind.group_of(path_name(path)) in chosen
 
 
 def lr_schedule(peak: float, warmup: int, total: int) -> optax.Schedule:
@@ -110,7 +122,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 
   def micro_loss(params, frozen, micro, key):
     model = nnx.merge(graphdef, params, frozen)
-    logits, _ = model(micro["features"], micro["input_ids"], micro["attention_mask"], dropout_key=key)
+    logits, _ = model(
+      micro["features"], micro["input_ids"], micro["attention_mask"], dropout_key=key, audio_mask=micro["audio_mask"]
+    )
     loss, tokens = lm_loss(logits, micro["input_ids"], micro["loss_mask"])
     return loss * tokens, tokens
 
@@ -144,15 +158,28 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
   return train_step
 
 
-def with_lora_dropout(config, dropout: float):
-  """The LTU-AS config with its adapters' training dropout (the folder keeps the rest)."""
-  lora = config.llm.lora
-  if lora is None:
-    return config
-  return dataclasses.replace(config, llm=dataclasses.replace(config.llm, lora=dataclasses.replace(lora, dropout=dropout)))
+def training_config(config: Any, c: ml_collections.ConfigDict) -> Any:
+  """The model config as the run trains it: its adapters with the run's dropout (the folder keeps the rest)
+  and, when `audio.max_windows` is set, that many windows a clip."""
+  changes = {}
+  if c.audio.max_windows is not None:
+    changes["max_windows"] = c.audio.max_windows
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if field.name == "lora" and value is not None:
+      changes["lora"] = dataclasses.replace(value, dropout=c.lora.dropout)
+    elif dataclasses.is_dataclass(value) and field.name != "lora":
+      changes[field.name] = training_config(value, c)
+  return dataclasses.replace(config, **{k: v for k, v in changes.items() if hasattr(config, k)})
 
 
-def optimizer(c: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def lora_config(c: ml_collections.ConfigDict) -> LoRAConfig:
+  return LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout, targets=tuple(c.lora.targets))
+
+
+def optimizer(
+  c: ml_collections.ConfigDict, total_steps: int, kind: kinds.Kind
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW (Hugging Face's `adamw_torch` defaults) on the warm-up-then-linear-decay schedule, after the
   Hugging Face Trainer's clipping of the accumulated gradient to a global norm (`max_grad_norm`, 1.0)."""
   schedule = lr_schedule(c.optim.lr, c.optim.warmup_steps, total_steps)
@@ -161,33 +188,18 @@ def optimizer(c: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.Gra
   if c.optim.max_grad_norm is not None:
     chain.insert(0, optax.clip_by_global_norm(c.optim.max_grad_norm))
   scales = dict(c.optim.lr_scale)
-  if unknown := set(scales) - set(PARAM_GROUPS):
-    raise KeyError(f"optim.lr_scale: unknown parameter groups {sorted(unknown)}; the groups are {PARAM_GROUPS}")
+  group_names(kind, tuple(scales), "optim.lr_scale")
   if any(scale != 1.0 for scale in scales.values()):
-    chain.append(scale_by_group(scales))
+    chain.append(scale_by_group(kind, scales))
   return (chain[0] if len(chain) == 1 else optax.chain(*chain)), schedule
 
 
-PARAM_GROUPS = ("audio_encoder", "audio_proj", "lora")
-
-
-def param_group(path: tuple[Any, ...]) -> str:
-  """Which of `PARAM_GROUPS` a trainable parameter belongs to: TLTR, the projection or the LoRA adapters."""
-  names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
-  for group in PARAM_GROUPS[:2]:
-    if group in names:
-      return group
-  if any(name.startswith("lora_") for name in names):
-    return "lora"
-  raise ValueError(f"parameter {jax.tree_util.keystr(path)} is in none of the groups {PARAM_GROUPS}")
-
-
-def scale_by_group(scales: dict[str, float]) -> optax.GradientTransformation:
+def scale_by_group(kind: kinds.Kind, scales: dict[str, float]) -> optax.GradientTransformation:
   """Multiplies each group's update (so its learning rate, weight decay included) by `scales[group]`."""
 
   def update(updates, state, params=None):
     del params
-    return jax.tree.map_with_path(lambda path, u: u * scales.get(param_group(path), 1.0), updates), state
+    return jax.tree.map_with_path(lambda path, u: u * scales.get(kind.group_of(path_name(path)), 1.0), updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -254,11 +266,13 @@ def cast_floats(tree: Any, dtype: str) -> Any:
   return jax.tree.map(cast, tree)
 
 
-def split_for_training(model: nnx.Module, c: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+def split_for_training(
+  model: nnx.Module, c: ml_collections.ConfigDict, kind: kinds.Kind
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   """(graphdef, trainable parameters as fp32 masters, frozen parameters in `precision.frozen`) by the
-  config's trainable filter; the model may be abstract (`nnx.eval_shape`). The masters are fp32 whatever
+  config's trainable groups; the model may be abstract (`nnx.eval_shape`). The masters are fp32 whatever
   dtype the model folder stores."""
-  graphdef, params, frozen = nnx.split(model, trainable_filter(c.trainable), ...)
+  graphdef, params, frozen = nnx.split(model, trainable_filter(kind, c.trainable), ...)
   return graphdef, cast_floats(params, "float32"), cast_floats(frozen, c.precision.frozen)
 
 
@@ -267,12 +281,14 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = c = config
+    self.kind = model_folder.require(c.model, "train", kinds.AUDIO_LLM)
     self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     self.loaded = model_folder.load(
-      c.model, dtype=c.precision.compute, remat=c.precision.remat, configure=lambda m: with_lora_dropout(m, c.lora_dropout)
+      c.model, dtype=c.precision.compute, remat=c.precision.remat, lora=lora_config(c), seed=c.seed,
+      configure=lambda m: training_config(m, c),
     )
     model = self.loaded.model
-    self.graphdef, params, frozen = split_for_training(model, c)
+    self.graphdef, params, frozen = split_for_training(model, c, self.kind)
 
     dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     if c.optim.batch_size % (c.optim.micro_batch_size * dp):
@@ -281,11 +297,8 @@ class Trainer:
         f"× {dp} data-parallel devices"
       )
     self.accum = c.optim.batch_size // (c.optim.micro_batch_size * dp)
-    whisper = None
-    if c.data.features_on_the_fly:
-      whisper = model_folder.load(os.path.join(c.model, self.loaded.extra["whisper"]), tokenizer=False)
-    mc = model.config
-    store = data.FeatureStore(c.data.features, shape=(mc.feature_layers, mc.audio_tokens, mc.tltr.dim), whisper=whisper)
+    encoder = features.for_model(self.loaded) if c.data.features_on_the_fly else None
+    store = features.store(self.loaded, c.data.features, encoder)
     # Every record (and its features or audio) is checked here, so no bad record stops an epoch midway.
     records, skipped = data.read_records(c.data.train, skip_bad=c.data.skip_bad_records, features=store)
     if skipped:
@@ -306,10 +319,11 @@ class Trainer:
       pad_id=extra.get("pad_token_id") or 0,
       seed=c.seed,
       workers=c.data.workers,
+      use_input=self.kind.uses_transcript,
     )
     self.total_steps = max(1, math.ceil(c.optim.epochs * self.loader.steps_per_epoch))
     self.last_step = self.total_steps if c.optim.max_steps <= 0 else min(self.total_steps, c.optim.max_steps)
-    tx, schedule = optimizer(c, self.total_steps)
+    tx, schedule = optimizer(c, self.total_steps, self.kind)
     shardings = TrainShardings.of(params, frozen, tx, self.mesh)
     self.frozen = place(frozen, shardings.frozen)
     params = place(params, shardings.state.params)
@@ -392,16 +406,26 @@ class Trainer:
     return self.write_model()
 
   def write_model(self) -> str:
-    """The trained LTU-AS as a model folder (what the next stage takes as `model`)."""
-    out = os.path.join(self.config.output_dir, "model")
+    """The trained model as a model folder (what the next stage takes as `model`), with the adapters and the
+    number of windows it was trained with."""
+    c = self.config
+    out = os.path.join(c.output_dir, "model")
     # Every process takes part in gathering the parameters; process 0 writes them.
     params = multihost_utils.process_allgather(self.state.params, tiled=True)
     if jax.process_index() == 0:
-      if os.path.exists(out):
-        shutil.rmtree(out)
-      parent = model_folder.load(self.config.model)
+      parent = model_folder.load(c.model, lora=lora_config(c), seed=c.seed, configure=lambda m: training_config(m, c))
       nnx.update(parent.model, params)
-      model_folder.save_like(out, parent.model, parent)
+      # Written beside, then swapped in: `model` may be (inside) this very folder, which is read until now.
+      fresh, old = f"{out}.writing", f"{out}.old"
+      for leftover in (fresh, old):
+        if os.path.exists(leftover):
+          shutil.rmtree(leftover)
+      model_folder.save_like(fresh, parent.model, parent)
+      if os.path.exists(out):
+        os.replace(out, old)
+      os.replace(fresh, out)
+      if os.path.exists(old):
+        shutil.rmtree(old)
     multihost_utils.sync_global_devices("model written")
     return out
 

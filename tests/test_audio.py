@@ -13,7 +13,7 @@ import torch
 from transformers import WhisperFeatureExtractor
 from transformers.models.whisper import feature_extraction_whisper
 
-from ltu_jax import audio
+from ltu_jax import audio, frontend
 from tests.helpers import max_abs_diff
 
 # Normalized log-mel units ((log10 + 4) / 4).
@@ -58,7 +58,7 @@ def test_whisper_mel_matches_transformers(name, n_mels, monkeypatch):
   waveform = WAVEFORMS[name]
   extractor = WhisperFeatureExtractor(feature_size=n_mels)
   reference = extractor(waveform, sampling_rate=SR, return_tensors="np").input_features[0]
-  ours = audio.whisper_mel(waveform, n_mels)
+  ours = frontend.WhisperLogMel(n_mels)(waveform)
   assert ours.shape == reference.shape == (n_mels, 3000)
   assert ours.dtype == np.float32
   assert max_abs_diff(ours, reference) <= MEL_ATOL
@@ -71,15 +71,15 @@ def openai_log_mel(waveform: np.ndarray, n_mels: int) -> np.ndarray:
   """
   stft = torch.stft(
     torch.from_numpy(waveform).double(),
-    audio.N_FFT,
-    audio.HOP_LENGTH,
-    window=torch.hann_window(audio.N_FFT, dtype=torch.float64),
+    frontend.N_FFT,
+    frontend.HOP_LENGTH,
+    window=torch.hann_window(frontend.N_FFT, dtype=torch.float64),
     center=True,
     pad_mode="reflect",
     return_complex=True,
   )
   magnitudes = stft[..., :-1].abs() ** 2
-  filters = torch.from_numpy(librosa.filters.mel(sr=SR, n_fft=audio.N_FFT, n_mels=n_mels)).double()
+  filters = torch.from_numpy(librosa.filters.mel(sr=SR, n_fft=frontend.N_FFT, n_mels=n_mels)).double()
   log_spec = torch.clamp(filters @ magnitudes, min=1e-10).log10()
   log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
   return ((log_spec + 4.0) / 4.0).numpy()
@@ -88,8 +88,8 @@ def openai_log_mel(waveform: np.ndarray, n_mels: int) -> np.ndarray:
 def openai_ltu_as_mel(waveform: np.ndarray, n_mels: int) -> np.ndarray:
   """The LTU-AS recipe on top: `pad_or_trim(mel, 1000)` in the normalized domain → `[n_mels, 1000]`."""
   mel = openai_log_mel(waveform, n_mels)
-  kept = min(mel.shape[-1], audio.LTU_AS_FRAMES)
-  padded = np.zeros((n_mels, audio.LTU_AS_FRAMES))
+  kept = min(mel.shape[-1], frontend.LTU_AS_WINDOW_FRAMES)
+  padded = np.zeros((n_mels, frontend.LTU_AS_WINDOW_FRAMES))
   padded[:, :kept] = mel[:, :kept]
   return padded
 
@@ -97,7 +97,7 @@ def openai_ltu_as_mel(waveform: np.ndarray, n_mels: int) -> np.ndarray:
 @pytest.mark.parametrize("n_mels", [80, 128])
 def test_ltu_as_mel_pads_a_short_clip(n_mels):
   waveform = tones(4) + noise(4, 0.01)
-  ours = audio.ltu_as_mel(waveform, n_mels)
+  ours = frontend.LtuAsWindows(n_mels).windows(waveform)[0]
   assert ours.shape == (n_mels, 1000)
   assert max_abs_diff(ours, openai_ltu_as_mel(waveform, n_mels)) <= MEL_ATOL
   assert np.all(ours[:, 400:] == 0.0)
@@ -108,26 +108,44 @@ def test_ltu_as_mel_trims_after_taking_the_whole_files_max(n_mels):
   # Quiet first 10 s, loud burst at 11-13 s: only a whole-file max puts the floor 80 dB below the burst.
   waveform = tones(14, amplitude=1e-3) + noise(14, 1e-6)
   waveform[11 * SR : 13 * SR] += noise(2, 0.5, seed=3)
-  ours = audio.ltu_as_mel(waveform, n_mels)
+  ours = frontend.LtuAsWindows(n_mels).windows(waveform)[0]
   assert ours.shape == (n_mels, 1000)
   assert max_abs_diff(ours, openai_ltu_as_mel(waveform, n_mels)) <= MEL_ATOL
-  whole_file_max = audio.log_mel_spectrogram(waveform, n_mels).max()
+  whole_file_max = frontend.log_mel_spectrogram(waveform, n_mels).max()
   assert ours.min() == pytest.approx(whole_file_max - 2.0, abs=MEL_ATOL)
-  first_10s_max = audio.log_mel_spectrogram(waveform[: 10 * SR], n_mels).max()
+  first_10s_max = frontend.log_mel_spectrogram(waveform[: 10 * SR], n_mels).max()
   assert whole_file_max - first_10s_max > 0.5
+
+
+def test_long_clips_fill_consecutive_windows_in_order_up_to_the_limit(caplog):
+  # 25 s: three 10 s windows of one whole-clip log-mel, the last 0-padded; 35 s with a limit of 3 drops 5 s.
+  waveform = tones(25) + noise(25, 0.01)
+  whole = frontend.log_mel_spectrogram(waveform)
+  recipe = frontend.LtuAsWindows(max_windows=3)
+  windows = recipe.windows(waveform, "speech.wav")
+  assert windows.shape == (3, 80, 1000) and recipe.tokens(len(windows)) == 75
+  for index in range(3):
+    part = whole[:, index * 1000 : (index + 1) * 1000]
+    assert max_abs_diff(windows[index, :, : part.shape[1]], part) <= MEL_ATOL
+  assert np.all(windows[2, :, 500:] == 0.0)
+  assert not caplog.records
+  longer = tones(35)
+  assert recipe.windows(longer, "long.wav").shape == (3, 80, 1000)
+  assert "long.wav: 5.0 s of audio beyond 3 window(s)" in caplog.text
+  assert recipe.count(len(tones(4))) == 1 and recipe.count(len(tones(10.5))) == 2
 
 
 def test_batched_log_mel_floors_each_example_at_its_own_max():
   loud, quiet = tones(3), tones(3, amplitude=1e-4) + noise(3, 1e-7)
-  batched = audio.log_mel_spectrogram(np.stack([loud, quiet]))
+  batched = frontend.log_mel_spectrogram(np.stack([loud, quiet]))
   assert batched.shape == (2, 80, 300)
-  assert max_abs_diff(batched[0], audio.log_mel_spectrogram(loud)) <= MEL_ATOL
-  assert max_abs_diff(batched[1], audio.log_mel_spectrogram(quiet)) <= MEL_ATOL
+  assert max_abs_diff(batched[0], frontend.log_mel_spectrogram(loud)) <= MEL_ATOL
+  assert max_abs_diff(batched[1], frontend.log_mel_spectrogram(quiet)) <= MEL_ATOL
 
 
 def test_log_mel_rejects_a_waveform_too_short_to_reflect_pad():
   with pytest.raises(ValueError, match="200 samples"):
-    audio.log_mel_spectrogram(np.zeros(200, np.float32))
+    frontend.log_mel_spectrogram(np.zeros(200, np.float32))
 
 
 def sine(frequency: float, seconds: float, rate: int, amplitude: float) -> np.ndarray:

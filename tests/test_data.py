@@ -186,7 +186,7 @@ def test_cached_features_round_trip_through_float16(tmp_path):
   assert FeatureStore(tmp_path, shape=FEATURE_SHAPE, dtype=np.float16).load("/a/b/c/d.wav").dtype == np.float16
 
 
-WRONG_SHAPE = r"b_c_wide\.npz \(audio /a/b/c/wide\.wav\) has shape \(2, 3, 5\), expected \(2, 3, 4\)"
+WRONG_SHAPE = r"b_c_wide\.npz \(audio /a/b/c/wide\.wav\) has shape \(2, 3, 5\), expected \(2, a multiple of 3, 4\)"
 
 
 def test_unusable_feature_files_are_errors_naming_them(tmp_path):
@@ -312,8 +312,15 @@ def test_processes_get_disjoint_slices_of_the_global_batch(dataset, group_by_len
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_collate_pads_and_masks(padding_side, train_on_inputs):
   rows = [Tokenized(np.array([1, 5, 6, 7, 2], np.int32), 3), Tokenized(np.array([1, 8, 2], np.int32), 2)]
-  features = np.zeros((2, *FEATURE_SHAPE), np.float32)
-  batch = data.collate(rows, features, length=8, pad_id=0, padding_side=padding_side, train_on_inputs=train_on_inputs)
+  # the first clip fills two windows, the second one: its second window's tokens are masked
+  layers, tokens, dim = FEATURE_SHAPE
+  clips = [np.ones((layers, 2 * tokens, dim), np.float32), np.full((layers, tokens, dim), 2.0, np.float32)]
+  batch = data.collate(
+    rows, clips, audio_length=2 * tokens, length=8, pad_id=0, padding_side=padding_side, train_on_inputs=train_on_inputs
+  )
+  assert batch["features"].shape == (2, layers, 2 * tokens, dim)
+  assert batch["audio_mask"].tolist() == [[1] * 2 * tokens, [1] * tokens + [0] * tokens]
+  assert np.all(batch["features"][1, :, :tokens] == 2.0) and np.all(batch["features"][1, :, tokens:] == 0.0)
   left = padding_side == "left"
   assert batch["input_ids"].tolist() == (
     [[0, 0, 0, 1, 5, 6, 7, 2], [0, 0, 0, 0, 0, 1, 8, 2]] if left else [[1, 5, 6, 7, 2, 0, 0, 0], [1, 8, 2, 0, 0, 0, 0, 0]]

@@ -13,7 +13,8 @@ from flax import nnx
 
 import ltu_jax
 from ltu_jax import data, extract_features, model_folder
-from ltu_jax.data import DataError, FeatureStore, WhisperFeatures
+from ltu_jax.data import DataError, FeatureStore
+from ltu_jax.features import WhisperFeatures
 from ltu_jax.models.whisper import Whisper, WhisperConfig
 
 # 500 source positions: LTU-AS's 1000 mel frames; 2 blocks of width 32 → features [2, 25, 32]
@@ -72,7 +73,7 @@ def test_writes_the_original_layout_resumes_and_matches_features_on_the_fly(tmp_
   expected = {a: data.feature_filename(a) for a in audio_ids}
   assert expected[audio_ids[3]] == "vggsound_test_dog_d.e.npz"
   assert sorted(os.listdir(out)) == sorted(expected.values())
-  on_the_fly = FeatureStore(tmp_path / "empty", whisper=ltu_jax.load(whisper_folder), dtype=np.float16)
+  on_the_fly = FeatureStore(tmp_path / "empty", encoder=WhisperFeatures(ltu_jax.load(whisper_folder)), dtype=np.float16)
   assert on_the_fly.shape == FEATURE_SHAPE
   for audio_id, name in expected.items():
     with np.load(out / name) as stored:
@@ -90,6 +91,25 @@ def test_writes_the_original_layout_resumes_and_matches_features_on_the_fly(tmp_
   os.remove(out / expected[audio_ids[1]])
   encoder = WhisperFeatures(ltu_jax.load(whisper_folder))
   assert extract_features.extract(audio_ids, encoder, str(out), batch_size=3, progress=False) == (1, 3, 0)
+
+
+def test_long_clips_keep_their_windows_in_order(tmp_path, whisper_folder):
+  audio_ids = write_clips(tmp_path / "audio")
+  data_file = write_data(tmp_path / "d.json", audio_ids)
+  assert run(whisper_folder, data_file, tmp_path / "one") == 0
+  assert run(whisper_folder, data_file, tmp_path / "two", "--max-windows", "2") == 0
+  for audio_id, (seconds, _, _) in zip(audio_ids, CLIPS.values()):
+    name = data.feature_filename(audio_id)
+    with np.load(tmp_path / "one" / name) as one, np.load(tmp_path / "two" / name) as two:
+      first, both = one["arr_0"], two["arr_0"]
+    windows = 2 if seconds > 10 else 1
+    assert both.shape == (2, 25 * windows, 32)
+    # the first window is the same 10 s either way (one log-mel of the whole clip, then cut)
+    assert np.all(np.abs(both[:, :25].astype(np.float32) - first) <= np.spacing(np.abs(first))), audio_id
+    if windows == 2:
+      assert np.abs(both[:, 25:].astype(np.float32) - first).max() > 0.01
+  store = FeatureStore(tmp_path / "two", max_windows=2)
+  assert store.shape == FEATURE_SHAPE and store.load(audio_ids[1]).shape == (2, 50, 32)
 
 
 def test_bad_audio_stops_the_run_or_is_skipped(tmp_path, whisper_folder, caplog):
@@ -111,7 +131,7 @@ def test_bad_audio_stops_the_run_or_is_skipped(tmp_path, whisper_folder, caplog)
 def test_on_the_fly_records_need_their_audio(tmp_path, whisper_folder):
   audio_ids = write_clips(tmp_path / "audio")
   missing = str(tmp_path / "audio" / "gone" / "x" / "y" / "missing.wav")
-  store = FeatureStore(tmp_path / "empty", whisper=ltu_jax.load(whisper_folder))
+  store = FeatureStore(tmp_path / "empty", encoder=WhisperFeatures(ltu_jax.load(whisper_folder)))
   data_file = write_data(tmp_path / "d.json", [audio_ids[0], missing])
   with pytest.raises(DataError, match=rf"record 2: field 'audio_id': audio file {missing} not found, and no cached feature"):
     data.read_records(data_file, features=store)

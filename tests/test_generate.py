@@ -157,7 +157,7 @@ def test_generation_through_ltu_as_equals_argmax_over_full_forwards():
   for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):  # wide weights: far from ties, as above
     var.set_value(var.get_value() * 10)
   features = np.random.default_rng(0).normal(size=(len(PROMPTS), 3, 4, 32)).astype(np.float32)
-  out = run(model, PROMPTS, features=features).tokens
+  out = run(model, PROMPTS, context=features).tokens
   forward = nnx.jit(lambda m, f, ids, mask: m(f, ids, mask)[0])
   for row, prompt in enumerate(PROMPTS):
     expected = argmax_loop(lambda *a: forward(model, features[row : row + 1], *a), prompt, NEW_TOKENS)
@@ -168,8 +168,8 @@ def test_generation_through_ltu_as_equals_argmax_over_full_forwards():
 
 
 def test_audio_features_need_ltu_as(model):
-  with pytest.raises(ValueError, match="LTU-AS"):
-    run(model, PROMPTS, features=np.zeros((3, 3, 4, 32), np.float32))
+  with pytest.raises(ValueError, match="takes no audio"):
+    run(model, PROMPTS, context=np.zeros((3, 3, 4, 32), np.float32))
 
 
 def test_ltu_as_preset_is_the_original():

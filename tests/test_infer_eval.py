@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -15,7 +17,7 @@ import pytest
 import soundfile as sf
 from flax import nnx
 
-from ltu_jax import audio, infer, model_folder, tiny_data
+from ltu_jax import audio, data, generate, infer, model_folder, tiny_data, train, transcribe
 from ltu_jax import eval as ltu_eval
 from ltu_jax.generate import LTU_AS_SAMPLING, SamplingConfig
 from ltu_jax.models.whisper import Whisper
@@ -54,7 +56,7 @@ def parts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(parts):
-  return infer.load_ltu_as(parts["ltu_as"])
+  return infer.load_model(parts["ltu_as"])
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +266,10 @@ def test_answers_are_one_per_file_and_seeded(loaded, wavs):
   # Left padding changes nothing: each clip alone gets its batched answer.
   heard = infer.hear(loaded, [audio.load_audio(path) for path in wavs])
   alone = [
-    infer.respond(loaded, [QUESTION], heard.transcripts[i : i + 1], heard.features[i : i + 1], sampling=GREEDY)[0]
+    infer.respond(
+      loaded, [QUESTION], heard.transcripts[i : i + 1], (heard.features[i : i + 1], heard.audio_mask[i : i + 1]),
+      sampling=GREEDY,
+    )[0]
     for i in range(len(wavs))
   ]
   assert alone == greedy
@@ -297,11 +302,50 @@ def test_bad_audio_is_named(loaded, tmp_path):
 
 
 def test_other_folders_are_refused(parts, wavs, tmp_path, capsys):
-  with pytest.raises(ValueError, match="'llama' model, not LTU-AS"):
-    infer.load_ltu_as(parts["llm"])
-  with pytest.raises(ValueError, match="'llama' model"):
+  llm = "`infer` needs a model with audio; {} holds an LLM (LLaMA family) (kind 'llama'): convert one with python -m conversion.ltu_as"
+  with pytest.raises(ValueError, match=re.escape(llm.format(parts["llm"]))):
+    infer.load_model(parts["llm"])
+  with pytest.raises(ValueError, match="holds an LLM"):
     infer.answer(model_folder.load(parts["llm"]), wavs, QUESTION, sampling=GREEDY)
-  for folder, message in ((parts["whisper"], "'whisper' model, not LTU-AS"), (str(tmp_path), "ltu_jax.json is missing")):
+  with pytest.raises(ValueError, match=r"`train` needs a model with audio; .* holds an LLM"):
+    train.Trainer(train.load_config("tiny_stage1", [f"model={parts['llm']}"]))
+  for folder, message in ((parts["whisper"], "holds a Whisper speech recogniser"), (str(tmp_path), "ltu_jax.json is missing")):
     with pytest.raises(SystemExit) as exit_info:
       infer.main(["--model", folder, wavs[0]])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_fifty_requests_compile_once_per_bucket_and_batching_changes_no_answer(parts, loaded, tmp_path):
+  # 50 clips of 0.5-14 s with questions of 1-12 words, through infer and transcribe in batches of 1-8.
+  rng = np.random.default_rng(0)
+  waveforms = [0.1 * rng.normal(size=int(s * audio.SAMPLE_RATE)).astype(np.float32) for s in rng.uniform(0.5, 14, 50)]
+  words = "what is heard here and who speaks or sings how loud".split()
+  questions = [" ".join(rng.choice(words, rng.integers(1, 13))) for _ in waveforms]
+  whisper = model_folder.load(os.path.join(parts["ltu_as"], "whisper"))
+  before = generate.compilations()
+  buckets, answers, start = set(), [], 0
+  for size in itertools.cycle([8, 3, 1, 5, 8, 2]):
+    chunk = slice(start, start + size)
+    heard = infer.hear(loaded, waveforms[chunk])
+    answers += infer.respond(loaded, questions[chunk], heard.transcripts, heard.audio, sampling=GREEDY)
+    batch = len(waveforms[chunk])
+    prompts = [len(t) + 1 for t in loaded.tokenizer([data.prompt(q, t) for q, t in zip(questions[chunk], heard.transcripts)], add_special_tokens=False)["input_ids"]]
+    buckets.add(("llm", generate.batch_bucket(batch), generate.prompt_bucket(max(prompts))))
+    buckets.add(("whisper", generate.batch_bucket(batch), generate.prompt_bucket(len(transcribe.prompt_ids(whisper)))))
+    start += size
+    if start >= len(waveforms):
+      break
+  assert generate.compilations() - before <= len(buckets)
+  # the same answers one by one (batch 1, their own prompt lengths)
+  for index in rng.choice(len(waveforms), 6, replace=False):
+    heard = infer.hear(loaded, waveforms[index : index + 1])
+    assert infer.respond(loaded, questions[index : index + 1], heard.transcripts, heard.audio, sampling=GREEDY) == [answers[index]]
+
+
+def test_bfloat16_answers_from_the_same_folder(parts, wavs):
+  bf16 = infer.load_model(parts["ltu_as"], dtype="bfloat16")
+  assert bf16.config.llm.param_dtype == "bfloat16" and bf16.config.llm.dtype == "bfloat16"
+  answers = infer.answer(bf16, wavs, QUESTION, sampling=GREEDY)
+  assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+  logits, _ = bf16.model(None, np.ones((1, 3), np.int32))
+  assert logits.dtype == np.float32

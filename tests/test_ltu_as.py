@@ -189,3 +189,20 @@ def test_wrong_feature_shape_is_a_clear_error(models):
   features, ids = batch(name)
   with pytest.raises(ValueError, match="audio features have shape"):
     model(features[:, :-1], jnp.asarray(ids))
+
+
+def test_windows_are_encoded_apart_in_order_and_unfilled_ones_are_masked(models):
+  name, _, model = models
+  first, ids = batch(name, seed=1)
+  second, _ = batch(name, seed=2)
+  both = np.concatenate([first, second], axis=2)  # a clip of two windows
+  embed = nnx.jit(lambda m, f: m.audio_embeddings(f))
+  expected = np.concatenate([embed(model, first), embed(model, second)], axis=1)
+  assert max_abs_diff(embed(model, both), expected) <= MODULE_TOL
+  # one window alone equals the same clip padded to two windows with the second masked
+  padded = np.concatenate([first, np.zeros_like(first)], axis=2)
+  audio_mask = np.concatenate([np.ones_like(first[:, 0, :, 0]), np.zeros_like(first[:, 0, :, 0])], axis=1).astype(np.int32)
+  mask = np.ones_like(ids)
+  alone = forward(model, first, ids, mask)
+  masked = nnx.jit(lambda m, f, i, k, a: m(f, i, k, audio_mask=a)[0])(model, padded, ids, mask, audio_mask)
+  assert max_abs_diff(masked, alone) <= LOGITS_TOL

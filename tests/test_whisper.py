@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import dataclasses
 import math
 
@@ -17,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from conversion import hf_whisper
 from conversion.rules import CheckpointMismatch
+from ltu_jax import frontend
 from ltu_jax.models import whisper
 from tests.helpers import max_abs_diff, numpy_state_dict
 
@@ -213,9 +215,10 @@ def test_ltu_as_features_pool_every_block(pair):
 def test_ltu_as_feature_shape_for_large_v1():
   """large-v1 on 10 s: 500 encoder frames of 32 blocks → `[batch, 32, 25, 1280]`; a partial window is dropped."""
   states = jax.ShapeDtypeStruct((32, 3, 500, 1280), jnp.float16)
-  features = jax.eval_shape(whisper.ltu_as_features, states)
-  assert features.shape == (3, 32, 25, 1280) and features.dtype == jnp.float16
-  assert jax.eval_shape(whisper.ltu_as_features, jax.ShapeDtypeStruct((32, 1, 510, 8), jnp.float32)).shape[2] == 25
+  pool = functools.partial(whisper.ltu_as_features, pool=frontend.LTU_AS_POOL)
+  features = jax.eval_shape(pool, states)
+  assert features.shape == (3, 32, frontend.LTU_AS_TOKENS, 1280) and features.dtype == jnp.float16
+  assert jax.eval_shape(pool, jax.ShapeDtypeStruct((32, 1, 510, 8), jnp.float32)).shape[2] == 25
 
 
 def test_mel_longer_than_the_positional_table_raises(pair):

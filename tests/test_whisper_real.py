@@ -28,7 +28,7 @@ import ltu_jax
 from conversion import ctranslate2
 from conversion import whisper as convert_whisper
 from conversion.rules import CheckpointMismatch
-from ltu_jax import audio, transcribe
+from ltu_jax import audio, frontend, transcribe
 from tests.helpers import max_abs_diff
 from tests.test_whisper import hf_whisper_model
 
@@ -174,7 +174,7 @@ def reference(torch_whisper, speech, ct2_folder) -> list[list[int]]:
   suppress, begin = suppress_lists(ct2_folder)
   results = []
   for path in speech:
-    mel = torch.from_numpy(audio.whisper_mel(audio.load_audio(path)[None]))
+    mel = torch.from_numpy(frontend.WhisperLogMel()(audio.load_audio(path)[None]))
     with torch.no_grad():
       encoded = BaseModelOutput(last_hidden_state=torch_whisper.model.encoder(mel).last_hidden_state)
       ids, cache = list(PROMPT), None
@@ -209,8 +209,8 @@ def torch_blocks(model, mel: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
 
 def test_encoder_blocks_match_torch(loaded, torch_whisper, speech):
   """Every block's raw output (LTU-AS's features) on every sentence, run as one batch."""
-  clips = [audio.pad_or_trim(audio.load_audio(path), audio.WHISPER_SAMPLES) for path in speech]
-  mel = audio.whisper_mel(np.stack(clips))
+  clips = [frontend.pad_or_trim(audio.load_audio(path), frontend.WHISPER_SAMPLES) for path in speech]
+  mel = frontend.WhisperLogMel()(np.stack(clips))
   _, blocks = nnx.jit(lambda model, x: model.encode(x))(loaded.model, jnp.asarray(mel))
   _, ref_blocks = torch_blocks(torch_whisper, mel)
   assert blocks.shape == (len(ref_blocks), *ref_blocks[0].shape)
@@ -227,7 +227,7 @@ def test_final_layer_norm_and_logits_match_torch(loaded, torch_whisper, speech, 
   and the final LayerNorm output there is 6e-4 from a float64 run (PyTorch's fp32: 3e-5), although each
   block, fed the same input, is as close to float64 as PyTorch's. Transcripts are compared on all sentences.
   """
-  mel = audio.whisper_mel(audio.load_audio(speech[0])[None])
+  mel = frontend.WhisperLogMel()(audio.load_audio(speech[0])[None])
   last, _ = nnx.jit(lambda model, x: model.encode(x))(loaded.model, jnp.asarray(mel))
   ref_last, _ = torch_blocks(torch_whisper, mel)
   assert (relative := max_abs_diff(last, ref_last) / float(np.abs(ref_last).max())) <= HIDDEN_RTOL, relative

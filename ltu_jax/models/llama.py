@@ -254,3 +254,15 @@ class Llama(nnx.Module):
       positions = past + layers.sequence_positions(attention_mask)
     hidden, cache = self.hidden(self.embed_tokens(input_ids), attention_mask, positions, cache)
     return self.logits(hidden), cache
+
+  # The decoding engine's protocol (`ltu_jax.generate`).
+  def prefill(self, context, input_ids, attention_mask, cache):
+    """Text only: `context` must be None; returns (logits, cache, None)."""
+    if context is not None:
+      raise ValueError("an LLM takes no audio; audio needs an audio model such as LTU-AS")
+    logits, cache = self(input_ids, attention_mask, cache=cache)
+    return logits, cache, None
+
+  def decode_step(self, context, input_ids, cache):
+    del context
+    return self(input_ids, jnp.ones_like(input_ids), cache=cache)

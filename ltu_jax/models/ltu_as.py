@@ -1,9 +1,10 @@
 """LTU-AS: TLTR audio tokens placed before the prompt of a LLaMA-family LLM with LoRA.
 
 The sequence is `[audio tokens] <s> prompt with transcript … answer`: the N audio tokens take rotary
-positions 0..N-1 and the text continues from N. Padding (left or right) is masked and skipped by the
-positions, so a padded row gives the same logits on its real tokens as the row alone. Logits and loss
-cover the text positions only, as in the original.
+positions 0..N-1 and the text continues from N. A clip longer than 10 s fills several windows of 25 tokens,
+in order (`ltu_jax.frontend.LtuAsWindows`); TLTR reads each window alone. Padding (left or right, text or
+unused audio windows) is masked and skipped by the positions, so a padded row gives the same logits on its
+real tokens as the row alone. Logits and loss cover the text positions only, as in the original.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ class LtuAsConfig:
   llm: LlamaConfig
   tltr: TLTRConfig
   feature_layers: int = 32  # Whisper encoder blocks whose outputs TLTR reads
-  audio_tokens: int = 25  # time steps of the pooled features, one audio token each
+  audio_tokens: int = 25  # time steps of one window's pooled features, one audio token each
+  max_windows: int = 1  # 10 s windows a clip may fill (what the model was trained with; the release: 1)
+  n_mels: int = 80  # mel bins of the Whisper whose features it reads
 
 
 class LtuAs(nnx.Module):
@@ -44,11 +47,19 @@ class LtuAs(nnx.Module):
     self.llm = Llama(config.llm, rngs=rngs)
 
   def audio_embeddings(self, features: jax.Array) -> jax.Array:
-    """Whisper features `[batch, layers, time, whisper_dim]` → audio tokens `[batch, time, embed]`."""
-    expected = (self.config.feature_layers, self.config.audio_tokens, self.config.tltr.dim)
-    if features.shape[1:] != expected:
-      raise ValueError(f"audio features have shape {features.shape[1:]} per clip, expected {expected}")
-    return self.audio_proj(self.audio_norm(self.audio_encoder(features)))
+    """Whisper features `[batch, layers, windows * audio_tokens, whisper_dim]` → audio tokens
+    `[batch, windows * audio_tokens, embed]`; TLTR runs on each window alone."""
+    c = self.config
+    batch, num_layers, time, dim = features.shape
+    if (num_layers, dim) != (c.feature_layers, c.tltr.dim) or time % c.audio_tokens or not time:
+      raise ValueError(
+        f"audio features have shape {features.shape[1:]} per clip, expected "
+        f"({c.feature_layers}, a multiple of {c.audio_tokens}, {c.tltr.dim})"
+      )
+    windows = time // c.audio_tokens
+    per_window = features.reshape(batch, num_layers, windows, c.audio_tokens, dim).swapaxes(1, 2)
+    encoded = self.audio_encoder(per_window.reshape(batch * windows, num_layers, c.audio_tokens, dim))
+    return self.audio_proj(self.audio_norm(encoded.reshape(batch, time, dim)))
 
   def __call__(
     self,
@@ -57,16 +68,19 @@ class LtuAs(nnx.Module):
     attention_mask: jax.Array | None = None,
     cache: KVCache | None = None,
     dropout_key: jax.Array | None = None,
+    audio_mask: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Text logits for audio features and token ids.
 
     Args:
-      features: `[batch, layers, time, whisper_dim]`, or None for text only (the original's
+      features: `[batch, layers, windows * 25, whisper_dim]`, or None for text only (the original's
         `asr_only` mode, and every decoding step after the first, when the audio is in the cache).
       input_ids: `[batch, len]` text tokens (BOS first).
       attention_mask: `[batch, len]`, 0 on padding.
       cache: earlier keys and values; new audio and text are appended to it.
       dropout_key: enables LoRA dropout (training).
+      audio_mask: `[batch, windows * 25]`, 0 on the tokens of windows a shorter clip does not fill; all
+        ones when None.
     Returns:
       (float32 logits `[batch, len, vocab]` for the text positions, the updated cache or None).
     """
@@ -79,11 +93,31 @@ class LtuAs(nnx.Module):
       audio = self.audio_embeddings(features).astype(embeds.dtype)
       num_audio = audio.shape[1]
       embeds = jnp.concatenate([audio, embeds], axis=1)
-      mask = jnp.concatenate([jnp.ones(audio.shape[:2], attention_mask.dtype), attention_mask], axis=1)
+      if audio_mask is None:
+        audio_mask = jnp.ones(audio.shape[:2], attention_mask.dtype)
+      mask = jnp.concatenate([audio_mask.astype(attention_mask.dtype), attention_mask], axis=1)
     past = 0 if cache is None else jnp.sum(cache.valid, axis=-1, keepdims=True)
     positions = past + layers.sequence_positions(mask)
     hidden, cache = self.llm.hidden(embeds, mask, positions, cache, dropout_key)
     return self.llm.logits(hidden[:, num_audio:]), cache
+
+  # The decoding engine's protocol (`ltu_jax.generate`): the audio goes in with the prompt, then text only.
+  def init_cache(self, batch: int, max_len: int) -> KVCache:
+    return self.llm.init_cache(batch, max_len)
+
+  def context_tokens(self, audio) -> int:
+    """Cache slots the audio takes: its tokens, `windows * audio_tokens`."""
+    return (audio[0] if isinstance(audio, tuple) else audio).shape[2]
+
+  def prefill(self, audio, input_ids, attention_mask, cache):
+    """`audio`: features, `(features, audio_mask)` or None (text only); returns (logits, cache, None)."""
+    features, audio_mask = audio if isinstance(audio, tuple) else (audio, None)
+    logits, cache = self(features, input_ids, attention_mask, cache, audio_mask=audio_mask)
+    return logits, cache, None
+
+  def decode_step(self, context, input_ids, cache):
+    del context
+    return self(None, input_ids, jnp.ones_like(input_ids), cache)
 
 
 def text_loss_mask(attention_mask: jax.Array, prompt_lengths: jax.Array | None, train_on_inputs: bool) -> jax.Array:

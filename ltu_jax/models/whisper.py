@@ -220,7 +220,7 @@ class WhisperEncoder(nnx.Module):
     return self.layer_norm(x), hidden_states
 
 
-def ltu_as_features(hidden_states: jax.Array, pool: int = 20) -> jax.Array:
+def ltu_as_features(hidden_states: jax.Array, pool: int) -> jax.Array:
   """LTU-AS audio features: every block's output, mean-pooled over non-overlapping windows of `pool` frames.
 
   Args:
@@ -306,27 +306,33 @@ class WhisperDecoder(nnx.Module):
     input_ids: jax.Array,
     cross_kv: tuple[jax.Array, jax.Array],
     cache: KVCache | None = None,
+    attention_mask: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Logits for `input_ids` `[batch, len]`.
 
     Args:
       input_ids: `[batch, len]` token ids; with a cache, the tokens that follow those already in it.
       cross_kv: from `cross_kv`, each `[layers, batch, enc_frames, heads, head_dim]`.
-      cache: None for a plain causal forward from position 0, or the cache to extend.
+      cache: None for a plain causal forward, or the cache to extend.
+      attention_mask: `[batch, len]`, 0 on (left) padding, which the positions skip; all ones when None.
     Returns:
       logits `[batch, len, vocab]` in float32, and the extended cache (None without one).
     """
     batch, length = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((batch, length), jnp.int32)
+    positions = layers.sequence_positions(attention_mask)
     if cache is None:
       if length > self.config.max_target_positions:
         raise ValueError(f"{length} tokens exceed max_target_positions {self.config.max_target_positions}")
-      positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-      mask = layers.causal_mask(positions, positions, None)
+      slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
+      mask = layers.causal_mask(slots, slots, attention_mask.astype(bool))
       index, cached_kv = None, None
     else:
+      positions = positions + jnp.sum(cache.valid, axis=-1, keepdims=True)
       index, cached_kv = cache.index, (cache.key, cache.value)
-      cache, positions, kv_slots = cache.advance(jnp.ones((batch, length), bool))
-      mask = layers.causal_mask(positions, kv_slots, cache.valid)
+      cache, slots, kv_slots = cache.advance(attention_mask)
+      mask = layers.causal_mask(slots, kv_slots, cache.valid)
     x = (self.embed_tokens(input_ids) + self.embed_positions[positions]).astype(self.config.dtype)
 
     def block(layer: DecoderLayer, x: jax.Array, per_layer) -> tuple[jax.Array, tuple | None]:
@@ -360,3 +366,13 @@ class Whisper(nnx.Module):
   def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
     """An empty decoder cache; see `WhisperDecoder.init_cache`."""
     return self.decoder.init_cache(batch, max_len)
+
+  # The decoding engine's protocol (`ltu_jax.generate`): the encoder runs once, in the prefill.
+  def prefill(self, mel, input_ids, attention_mask, cache):
+    """`mel` `[batch, n_mels, frames]`; returns (logits, cache, the cross-attention keys and values)."""
+    cross_kv = self.decoder.cross_kv(self.encoder(mel)[0])
+    logits, cache = self.decoder(input_ids, cross_kv, cache, attention_mask)
+    return logits, cache, cross_kv
+
+  def decode_step(self, cross_kv, input_ids, cache):
+    return self.decoder(input_ids, cross_kv, cache)
