@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ltu_jax import sharding, train  # noqa: E402
+from ltu_jax import kinds, sharding, train  # noqa: E402
 from ltu_jax.models.llama import LlamaConfig  # noqa: E402
 from ltu_jax.models.lora import LoRAConfig  # noqa: E402
 from ltu_jax.models.ltu_as import LtuAs, LtuAsConfig  # noqa: E402
@@ -74,7 +74,7 @@ def abstract_split(stage: str, remat: bool, micro: int):
   c = train.load_config(stage, [f"precision.remat={remat}", f"optim.micro_batch_size={micro}"])
   config = ltu_as_7b(c.precision.compute, c.precision.remat)
   model = nnx.eval_shape(lambda: LtuAs(config, rngs=nnx.Rngs(0)))
-  graphdef, params, frozen = train.split_for_training(model, c)
+  graphdef, params, frozen = train.split_for_training(model, c, kinds.get("ltu_as"))
   return c, config, graphdef, params, frozen
 
 
@@ -87,6 +87,7 @@ def abstract_batch(config: LtuAsConfig, micro: int, text_len: int, spec: train.T
   batch = micro * spec.mesh.shape["data"] * spec.mesh.shape["fsdp"]
   shapes = {
     "features": ((1, batch, config.feature_layers, config.audio_tokens, config.tltr.dim), jnp.float32),
+    "audio_mask": ((1, batch, config.audio_tokens), jnp.int32),
     "input_ids": ((1, batch, text_len), jnp.int32),
     "attention_mask": ((1, batch, text_len), jnp.int32),
     "loss_mask": ((1, batch, text_len), jnp.bool_),
@@ -98,7 +99,7 @@ def measure(stage: str, devices: list[jax.Device], remat: bool, micro: int, text
   """Lowers and compiles the stage's train step on a mesh of `devices`; returns bytes per device."""
   c, config, graphdef, params, frozen = abstract_split(stage, remat, micro)
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
-  tx, schedule = train.optimizer(c, total_steps=1000)
+  tx, schedule = train.optimizer(c, 1000, kinds.get("ltu_as"))
   spec = train.TrainShardings.of(params, frozen, tx, mesh)
   state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
   key = jax.eval_shape(lambda: jax.random.key(0))

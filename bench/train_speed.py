@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import statistics
 import sys
 import time
@@ -40,7 +41,7 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from ltu_jax import model_folder, sharding, train  # noqa: E402
+from ltu_jax import kinds, model_folder, sharding, train  # noqa: E402
 from ltu_jax.models.llama import LlamaConfig  # noqa: E402
 from ltu_jax.models.lora import LoRAConfig  # noqa: E402
 from ltu_jax.models.ltu_as import LtuAs, LtuAsConfig  # noqa: E402
@@ -73,7 +74,7 @@ def for_training(config: LtuAsConfig, c) -> LtuAsConfig:
     llm=dataclasses.replace(config.llm, dtype=c.precision.compute, remat=c.precision.remat),
     tltr=dataclasses.replace(config.tltr, dtype=c.precision.compute),
   )
-  return train.with_lora_dropout(config, c.lora_dropout)
+  return train.training_config(config, c)
 
 
 def random_batch(config: LtuAsConfig, accum: int, micro: int, text_len: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -82,6 +83,7 @@ def random_batch(config: LtuAsConfig, accum: int, micro: int, text_len: int, see
   shape = (accum, micro, text_len)
   return {
     "features": rng.normal(size=(accum, micro, config.feature_layers, config.audio_tokens, config.tltr.dim)).astype(np.float32),
+    "audio_mask": np.ones((accum, micro, config.audio_tokens), np.int32),
     "input_ids": rng.integers(3, config.llm.vocab_size, shape).astype(np.int32),
     "attention_mask": np.ones(shape, np.int32),
     "loss_mask": np.ones(shape, bool),
@@ -107,9 +109,9 @@ def seconds_per_step(steps: dict[str, Callable[[], None]], repeats: int) -> dict
 def ours(config: LtuAsConfig, c, batch: dict[str, np.ndarray]) -> tuple[float, Callable[[], None]]:
   """(compile seconds, one training step) of the trainer's jitted step."""
   model = LtuAs(config, rngs=nnx.Rngs(0))
-  graphdef, params, frozen = train.split_for_training(model, c)
+  graphdef, params, frozen = train.split_for_training(model, c, kinds.get("ltu_as"))
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-  tx, schedule = train.optimizer(c, total_steps=1000)
+  tx, schedule = train.optimizer(c, 1000, kinds.get("ltu_as"))
   spec = train.TrainShardings.of(params, frozen, tx, mesh)
   frozen = jax.device_put(frozen, spec.frozen)
   params = jax.device_put(params, spec.state.params)
@@ -144,12 +146,15 @@ def pytorch(config: LtuAsConfig, c, batch: dict[str, np.ndarray]) -> Callable[[]
   )
   lora = llm.lora
   model = peft.get_peft_model(llama, peft.LoraConfig(
-    r=lora.rank, lora_alpha=lora.alpha, lora_dropout=c.lora_dropout, target_modules=list(lora.targets)
+    r=lora.rank, lora_alpha=lora.alpha, lora_dropout=c.lora.dropout, target_modules=list(lora.targets)
   ))
   # peft freezes all but the adapters; then the stage's choice, as the original's finetune.py does.
-  trainable = {"proj": ("audio_proj",), "all": ("audio_encoder", "audio_proj", "lora_")}[c.trainable]
+  # torch names (`base_model.model.model.audio_proj.1.weight`, `...q_proj.lora_A.default.weight`) in our
+  # kind's group terms: the groups' expressions, unanchored, on the dotted name
+  ltu_as, chosen = kinds.get("ltu_as"), set(train.group_names(kinds.get("ltu_as"), c.trainable, "trainable"))
+  patterns = [pattern.lstrip("^").replace("lora_[ab]$", "lora_[AB]") for name, pattern in ltu_as.groups if name in chosen]
   for name, param in model.named_parameters():
-    param.requires_grad = any(part in name for part in trainable)
+    param.requires_grad = any(re.search(pattern, name) for pattern in patterns)
   model.train()
   optim = torch.optim.AdamW(
     [p for p in model.parameters() if p.requires_grad], lr=c.optim.lr, betas=(c.optim.b1, c.optim.b2),

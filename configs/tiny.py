@@ -13,6 +13,9 @@ LTU_AS = f"{CACHE}/models/ltu_as-tiny"  # fresh TLTR, projection and LoRA over t
 # Whisper-AT's TL-TR: stage 1 keeps TLTR frozen.
 LTU_AS_TAGGED = f"{CACHE}/models/ltu_as-tiny-tagged"
 TAGGING_EPOCHS = 12
+# 10 s windows a clip may fill in stage 3 and the feature cache (the tiny set's long sound clips last up to
+# 28 s); stages 1 and 2 keep the release's one window, and the first 10 s of a long clip.
+MAX_WINDOWS = 3
 DATA = f"{CACHE}/tiny_data"
 FEATURES = f"{DATA}/features"
 
@@ -40,6 +43,8 @@ def scale_to_cpu(c: ml_collections.ConfigDict, stage: int) -> ml_collections.Con
   # Each distinct batch length is a compile (~5 s on CPU). Multiples of 16: 3 lengths in stage 2, 5 in
   # stage 3, and rows padded ~15% (at 32: 2 and 3 lengths, ~45% padding, stage 2 5:32 → 4:40 at 16).
   c.data.pad_to_multiple_of = 16
+  if stage == 3:
+    c.audio.max_windows = MAX_WINDOWS
   c.precision.compute = "float32"  # XLA on CPU has no fast bf16 matmuls
   c.precision.frozen = "float32"
   c.log_every = 5

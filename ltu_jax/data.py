@@ -221,6 +221,7 @@ class FeatureStore:
       raise ValueError(f"the audio encoder makes features of shape {self.encoder.shape}, not the expected {self.shape}")
     self.max_windows = max_windows
     self.dtype = np.dtype(dtype)
+    self._trimmed: set[str] = set()  # files already warned about
 
   @property
   def max_tokens(self) -> int:
@@ -253,7 +254,9 @@ class FeatureStore:
           f"feature file {path} (audio {audio_id}) has shape {features.shape}, expected ({layers}, a multiple of {tokens}, {dim})"
         )
       if features.shape[1] > self.max_tokens:
-        log.warning("%s: features of %d windows, %d kept (max_windows)", path, features.shape[1] // tokens, self.max_windows)
+        if path not in self._trimmed:
+          self._trimmed.add(path)
+          log.warning("%s: features of %d windows, the first %d kept (max_windows)", path, features.shape[1] // tokens, self.max_windows)
         features = features[:, : self.max_tokens]
     elif self.encoder is not None:
       try:

@@ -104,7 +104,7 @@ KINDS: dict[str, Kind] = {
       prompt=data.prompt,
       uses_transcript=True,
       sampling=LTU_AS_SAMPLING,
-      groups=(("audio_encoder", r"^audio_encoder/"), ("audio_proj", r"^audio_proj/"), ("lora", r"lora_[ab]$")),
+      groups=(("audio_encoder", r"^audio_encoder\b"), ("audio_proj", r"^audio_proj\b"), ("lora", r"lora_[ab]$")),
     ),
   )
 }

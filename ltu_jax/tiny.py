@@ -81,7 +81,8 @@ def dataset(transcriber: str | None, scale: Scale) -> None:
   tiny_data.build(tiny.DATA, train=scale.train_clips, test=scale.test_clips, transcriber=transcriber)
   step(f"caching Whisper features → {tiny.FEATURES}")
   files = [os.path.join(tiny.DATA, f"{split}.json") for split in ("train", "test")]
-  if extract_features.main(["--whisper", tiny.WHISPER, "--data", *files, "--out", tiny.FEATURES]):
+  windows = ["--max-windows", str(tiny.MAX_WINDOWS)]
+  if extract_features.main(["--whisper", tiny.WHISPER, "--data", *files, "--out", tiny.FEATURES, *windows]):
     raise RuntimeError("feature extraction failed (see above)")
 
 

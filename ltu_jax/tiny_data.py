@@ -4,11 +4,12 @@
 
 Speech is espeak-ng reading known English sentences in male and female voices at three speaking rates
 and two pitches; sounds are seven classes synthesised in numpy with per-clip random variation; some
-clips put speech over a background sound. The questions are LTU-AS's kinds (ASR, gender, speed, pitch,
+clips put speech over a background sound. One sound clip in eight lasts 12-28 s (2-5 s the others), so
+that LTU-AS's long audio (several 10 s windows) is trained and scored. The questions are LTU-AS's kinds (ASR, gender, speed, pitch,
 sound, open-ended), each asked in several paraphrases so the model has to read the instruction.
 
     OUT_DIR/
-      audio/                 16 kHz mono 16-bit wavs, at most 10 s, named `{split}_{index}_{kind}_{hash}.wav`
+      audio/                 16 kHz mono 16-bit wavs, at most 30 s, named `{split}_{index}_{kind}_{hash}.wav`
       train.json             every question of the train clips (stage 3, the full mix)
       classification.json    the closed-ended classification questions of the train clips (stages 1 and 2)
       test.json              every question of the held-out clips, in its canonical (evaluation) wording
@@ -46,13 +47,14 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from ltu_jax import model_folder, transcribe
+from ltu_jax import kinds, model_folder, transcribe
 from ltu_jax.audio import RESAMPLER, SAMPLE_RATE, load_audio
 
 DATASET = "tiny_ltu_as"
 # bump when the synthesis changes, so that files made by the old recipe are not reused
 RECIPE_VERSION = 1
-MAX_SECONDS = 10.0
+MAX_SECONDS = 30.0
+LONG_SOUND_EVERY = 8  # of the sound clips, one in this many is long
 # clips; with about 5 questions each, ~2000 train records keep the tiny 3-stage training short on a CPU
 DEFAULT_TRAIN = 400
 DEFAULT_TEST = 80
@@ -352,7 +354,8 @@ def plan_clips(seed: int, train: int, test: int) -> list[Clip]:
       if kind != "speech":
         fields["sound"] = str(rng.choice(list(SOUNDS)))
       if kind == "sound":
-        fields["sound_seconds"] = round(float(rng.uniform(2.0, 5.0)), 2)
+        long = index // 4 % LONG_SOUND_EVERY == 0
+        fields["sound_seconds"] = round(float(rng.uniform(12.0, 28.0) if long else rng.uniform(2.0, 5.0)), 2)
       clips.append(Clip(**fields))
   return clips
 
@@ -401,7 +404,7 @@ def render(clip: Clip) -> np.ndarray:
   waveform = waveform * rng.uniform(0.3, 0.9) / np.max(np.abs(waveform))
   if len(waveform) > MAX_SECONDS * SAMPLE_RATE:
     seconds = len(waveform) / SAMPLE_RATE
-    raise ValueError(f"clip {clip.file_name} lasts {seconds:.1f} s; LTU-AS sees at most {MAX_SECONDS} s")
+    raise ValueError(f"clip {clip.file_name} lasts {seconds:.1f} s; the tiny set's clips last at most {MAX_SECONDS} s")
   return waveform.astype(np.float32)
 
 
@@ -477,8 +480,7 @@ def transcribe_speech(paths: list[str], model_dir: str, cache_path: str, progres
   missing = [path for path in paths if os.path.basename(path) not in cache]
   if missing:
     loaded = model_folder.load(model_dir)
-    if loaded.kind != "whisper":
-      raise ValueError(f"--transcriber {model_dir} holds a {loaded.kind} model, not a Whisper")
+    kinds.require(loaded.kind, "tiny_data --transcriber", kinds.TRANSCRIBES, model_dir)
     with tqdm(total=len(missing), desc="transcribing", disable=not progress) as bar:
       for start in range(0, len(missing), TRANSCRIBE_BATCH):
         batch = missing[start : start + TRANSCRIBE_BATCH]

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +19,8 @@ import pytest
 from flax import nnx
 
 import ltu_jax
-from ltu_jax import train
+from conversion import ltu_as
+from ltu_jax import kinds, train
 from tests import train_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +91,7 @@ paths, out = json.loads(sys.argv[1]), sys.argv[2]
 for data, fsdp, tensor, micro in ((1, 8, 1, 1), (2, 2, 2, 1), (4, 1, 2, 2)):
   run = f"{out}/mesh_{data}_{fsdp}_{tensor}"
   more = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor, "optim.micro_batch_size": micro,
-          "optim.max_steps": 3, "lora_dropout": 0.0}
+          "optim.max_steps": 3, "lora.dropout": 0.0}
   train.Trainer(train.load_config("tiny_stage3", train_setup.overrides(paths, run, **more))).run()
   print(run)
 """
@@ -97,7 +99,7 @@ for data, fsdp, tensor, micro in ((1, 8, 1, 1), (2, 2, 2, 1), (4, 1, 2, 2)):
 
 def test_one_device_equals_eight(parts, tmp_path):
   single = str(tmp_path / "single")
-  more = {"optim.max_steps": 3, "lora_dropout": 0.0}
+  more = {"optim.max_steps": 3, "lora.dropout": 0.0}
   train.Trainer(train.load_config("tiny_stage3", train_setup.overrides(parts, single, **more))).run()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", SHARDED, json.dumps(parts), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -120,7 +122,7 @@ def free_port() -> int:
 def test_two_processes_equal_one(parts, tmp_path):
   """2 processes × 1 CPU device (jax.distributed, gloo collectives) train as 1 process × 2 devices, and
   both exit 0: a process that fails leaves the other at a barrier and both abort at JAX's shutdown."""
-  more = {"optim.max_steps": 3, "lora_dropout": 0.0}
+  more = {"optim.max_steps": 3, "lora.dropout": 0.0}
   args = lambda out: ["--config", "tiny_stage3", *[a for o in train_setup.overrides(parts, out, **more) for a in ("--set", o)]]
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   distributed = ["--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
@@ -219,7 +221,7 @@ def test_optimizer_matches_the_hf_trainer(max_grad_norm, lr_scale):
   ])
   steps = 8
   rng = np.random.default_rng(0)
-  start = {  # one parameter of each group (`train.param_group` reads the names)
+  start = {  # one parameter of each group (the kind's group expressions read the names)
     "audio_encoder": rng.standard_normal((4, 3)).astype(np.float32),
     "audio_proj": rng.standard_normal(5).astype(np.float32),
     "lora_a": rng.standard_normal((2, 3)).astype(np.float32),
@@ -228,11 +230,12 @@ def test_optimizer_matches_the_hf_trainer(max_grad_norm, lr_scale):
   grads = [{k: (10.0 if i % 2 else 0.1) * rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()}
            for i in range(steps)]
 
-  tx, _ = train.optimizer(c, steps)
+  ltu_as = kinds.get("ltu_as")
+  tx, _ = train.optimizer(c, steps, ltu_as)
   params = jax.tree.map(jax.numpy.asarray, start)
   opt_state = tx.init(params)
   torch_params = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in start.items()}
-  groups = [{"params": [p], "lr": c.optim.lr * lr_scale.get(train.param_group((k,)), 1.0)} for k, p in torch_params.items()]
+  groups = [{"params": [p], "lr": c.optim.lr * lr_scale.get(ltu_as.group_of(k), 1.0)} for k, p in torch_params.items()]
   torch_opt = torch.optim.AdamW(
     groups, lr=c.optim.lr, betas=(c.optim.b1, c.optim.b2), eps=c.optim.eps,
     weight_decay=c.optim.weight_decay,
@@ -249,3 +252,23 @@ def test_optimizer_matches_the_hf_trainer(max_grad_norm, lr_scale):
     torch_schedule.step()
     for k, p in torch_params.items():
       np.testing.assert_allclose(np.asarray(params[k]), p.detach().numpy(), rtol=OPTIMIZER_TOL, atol=OPTIMIZER_TOL)
+
+
+def test_adapters_are_added_at_the_configured_rank_and_a_model_in_its_own_output_survives(parts, tmp_path):
+  bare = str(tmp_path / "bare")
+  ltu_as.convert(None, parts["llm"], parts["whisper"], bare, lora=None)  # an LLM converted once, no adapters
+  assert ltu_jax.load(bare, tokenizer=False).config.llm.lora is None
+  more = {"optim.max_steps": 2, "lora.rank": 4, "audio.max_windows": 2}  # cached clips fill 1 of 2 windows
+  model_dir = train.Trainer(train.load_config("tiny_stage3", train_setup.overrides(parts, str(tmp_path / "run"), model=bare, **more))).run()
+  trained = ltu_jax.load(model_dir, tokenizer=False)
+  assert trained.config.llm.lora.rank == 4 and trained.config.max_windows == 2
+  assert trained.model.llm.layers.self_attn.q_proj.lora_a.shape[-1] == 4
+  assert np.abs(np.asarray(trained.model.llm.layers.self_attn.q_proj.lora_b)).max() > 0
+  # The next run starts from a model inside its own output folder: read before it is replaced; a folder
+  # with adapters keeps them whatever rank the config names.
+  own = tmp_path / "own"
+  shutil.copytree(model_dir, own / "model")
+  more = {"optim.max_steps": 1, "lora.rank": 2}
+  again = train.Trainer(train.load_config("tiny_stage3", train_setup.overrides(parts, str(own), model=str(own / "model"), **more))).run()
+  assert again == str(own / "model") and sorted(os.listdir(own)) == ["checkpoints", "config.json", "metrics.jsonl", "model", "tensorboard"]
+  assert ltu_jax.load(again, tokenizer=False).config.llm.lora.rank == 4

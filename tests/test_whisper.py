@@ -201,6 +201,23 @@ def test_kv_cache_decoding_matches_full_forward(pair, prompt):
   assert (err := max_abs_diff(jnp.concatenate(steps, axis=1), full)) <= CACHE_ATOL, err
 
 
+def test_a_left_padded_prompt_decodes_as_the_prompt_alone(pair):
+  # The decoding engine pads prompts on the left: padding is masked and skipped by the positions.
+  mel, input_ids = jnp.asarray(pair.mel), jnp.asarray(pair.input_ids)
+  kv = cross_kv(pair.ours, mel)
+  full, _ = decode(pair.ours, input_ids, kv, None)
+  padding = 3
+  padded = jnp.pad(input_ids[:, :4], ((0, 0), (padding, 0)), constant_values=7)
+  mask = jnp.concatenate([jnp.zeros((len(padded), padding), jnp.int32), jnp.ones((len(padded), 4), jnp.int32)], axis=1)
+  cache = pair.ours.init_cache(input_ids.shape[0], max_len=padding + input_ids.shape[1])
+  logits, cache = nnx.jit(lambda m, i, k, c, a: m.decoder(i, k, c, a))(pair.ours, padded, kv, cache, mask)
+  steps = [logits[:, padding:]]
+  for i in range(4, input_ids.shape[1]):
+    logits, cache = decode(pair.ours, input_ids[:, i : i + 1], kv, cache)
+    steps.append(logits)
+  assert (err := max_abs_diff(jnp.concatenate(steps, axis=1), full)) <= CACHE_ATOL, err
+
+
 def test_ltu_as_features_pool_every_block(pair):
   _, blocks = encode(pair.ours, jnp.asarray(pair.mel))
   _, ref_blocks = torch_encoder(pair.hf, pair.mel)
