@@ -6,6 +6,7 @@ from __future__ import annotations
 import ml_collections
 
 CACHE = "cache"
+RUNS = "runs"  # each stage writes RUNS/tiny_stage{1,2,3}
 WHISPER = f"{CACHE}/models/whisper-tiny.en"
 LLM = f"{CACHE}/models/smollm2-135m"
 LTU_AS = f"{CACHE}/models/ltu_as-tiny"  # fresh TLTR, projection and LoRA over the two
@@ -22,8 +23,8 @@ FEATURES = f"{DATA}/features"
 
 def scale_to_cpu(c: ml_collections.ConfigDict, stage: int) -> ml_collections.ConfigDict:
   c.name = f"tiny_stage{stage}"
-  c.output_dir = f"runs/tiny_stage{stage}"
-  c.model = LTU_AS_TAGGED if stage == 1 else f"runs/tiny_stage{stage - 1}/model"
+  c.output_dir = f"{RUNS}/tiny_stage{stage}"
+  c.model = LTU_AS_TAGGED if stage == 1 else f"{RUNS}/tiny_stage{stage - 1}/model"
   c.data.train = f"{DATA}/classification.json" if stage < 3 else f"{DATA}/train.json"
   c.data.features = FEATURES
   # About 2500 samples in all at ~4 samples/s on 2 cores: the three stages take about 10 minutes. In so

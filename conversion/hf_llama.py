@@ -19,6 +19,14 @@ from ltu_jax.models.lora import LoRAConfig, LoRAParam
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+SENTENCEPIECE_MODEL = "tokenizer.model"  # LLaMA-1 / Vicuna-era folders ship only this
+FAST_TOKENIZER = "tokenizer.json"
+# Text that a tokenizer converted from sentencepiece must split exactly as sentencepiece does: LTU-AS's
+# prompt layout (newlines, "###"), a leading and repeated spaces, digits, punctuation and accented letters.
+SENTENCEPIECE_PROBE = (
+  " ### Instruction:\nWhat can be inferred from the spoken text and sounds? Why?\n\n### Input:\n"
+  "the  dog barked 3 times at 10:45, didn't it?\n\n### Response:\nA café—naïve, isn't it."
+)
 
 
 def config_from_hf(hf: Any, lora: LoRAConfig | None = None, **overrides: Any) -> LlamaConfig:
@@ -145,6 +153,62 @@ class LlamaCheckpoint:
   special_tokens: dict[str, Any]
   tokenizer_args: dict[str, Any]
   source: str
+
+  def load_tokenizer(self) -> Any:
+    """The checkpoint's tokenizer as a fast (`tokenizers`) one, which the model folder saves as tokenizer.json.
+
+    A folder with only sentencepiece's tokenizer.model (LLaMA-1, Vicuna v1.1) is read with the
+    `sentencepiece` package (`sentencepiece_tokenizer`).
+    """
+    import transformers  # slow to import; only the tokenizer needs it
+
+    folder = self.tokenizer_args["pretrained_model_name_or_path"]
+    if (
+      "gguf_file" not in self.tokenizer_args
+      and os.path.isfile(os.path.join(folder, SENTENCEPIECE_MODEL))
+      and not os.path.isfile(os.path.join(folder, FAST_TOKENIZER))
+    ):
+      return sentencepiece_tokenizer(folder)
+    return transformers.AutoTokenizer.from_pretrained(**self.tokenizer_args)
+
+
+def sentencepiece_tokenizer(folder: str) -> Any:
+  """A fast tokenizer equal to the sentencepiece model `folder/tokenizer.model`, checked on `SENTENCEPIECE_PROBE`.
+
+  transformers converts the model, but its LLaMA pipeline (a Metaspace pre-tokenizer) adds no "▁" before
+  text that starts with a space, where sentencepiece (and the slow tokenizer that LTU-AS trained with)
+  always adds one: the conversion's splitting is replaced by sentencepiece's own (prepend "▁", spaces to
+  "▁"), and the tokenizer is saved as a plain fast tokenizer so that loading it keeps that pipeline.
+  """
+  try:
+    import sentencepiece
+  except ImportError as error:
+    raise ImportError(
+      f"{folder} has only a sentencepiece tokenizer ({SENTENCEPIECE_MODEL}, no {FAST_TOKENIZER}); reading it "
+      "needs the sentencepiece package, pinned in requirements.txt (bash scripts/setup.sh installs it)"
+    ) from error
+  import transformers
+  from tokenizers import normalizers, pre_tokenizers
+
+  converted = transformers.AutoTokenizer.from_pretrained(folder)
+  backend = converted.backend_tokenizer
+  if isinstance(backend.pre_tokenizer, pre_tokenizers.Metaspace):
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+  tokenizer = transformers.PreTrainedTokenizerFast(
+    tokenizer_object=backend, model_max_length=converted.model_max_length, padding_side=converted.padding_side,
+    **converted.special_tokens_map,
+  )
+  model = sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, SENTENCEPIECE_MODEL))
+  expected = model.encode(SENTENCEPIECE_PROBE)
+  ids = tokenizer(SENTENCEPIECE_PROBE, add_special_tokens=False)["input_ids"]
+  if ids != expected or tokenizer.decode(ids) != model.decode(expected):
+    raise ValueError(
+      f"{folder}/{SENTENCEPIECE_MODEL}: the fast tokenizer converted from it splits {SENTENCEPIECE_PROBE!r} "
+      f"into {ids} (decoded {tokenizer.decode(ids)!r}), sentencepiece into {expected} (decoded "
+      f"{model.decode(expected)!r}); not converting a model whose text would be tokenized unlike its training"
+    )
+  return tokenizer
 
 
 def special_tokens_from_hf(folder: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from conversion import gguf_llama, hf_llama
+from conversion import gguf_llama, hf_llama, rules
 from conversion.hf_llama import LlamaCheckpoint, build_llama
 from ltu_jax import model_folder
 from ltu_jax.models.lora import LoRAConfig
@@ -36,15 +36,19 @@ def open_checkpoint(source: str, lora: LoRAConfig | None = None, **overrides) ->
 
 
 def convert(
-  source: str, out: str, *, param_dtype: str = "float32", lora: LoRAConfig | None = None, strict: bool = True
+  source: str,
+  out: str,
+  *,
+  param_dtype: str = "float32",
+  lora: LoRAConfig | None = None,
+  strict: bool = True,
+  force: bool = False,
 ) -> None:
-  """Writes the model folder `out` from `source`; see the module docstring."""
-  if os.path.exists(os.path.join(out, model_folder.PARAMS_DIR)):  # before the long part, not after it
-    raise FileExistsError(f"{out} already holds a model; choose a new output folder")
+  """Writes the model folder `out` from `source`; see the module docstring. `force` allows a non-empty
+  `out` (`rules.check_output`)."""
+  rules.check_output(out, [source], force=force)  # before the long part, not after it
   checkpoint = open_checkpoint(source, lora, param_dtype=param_dtype)
-  import transformers  # slow to import; only the tokenizer needs it
-
-  tokenizer = transformers.AutoTokenizer.from_pretrained(**checkpoint.tokenizer_args)
+  tokenizer = checkpoint.load_tokenizer()
   tensors = tqdm(checkpoint.tensors, total=checkpoint.count, desc=os.path.basename(source), unit="tensor")
   # Beside OUT rather than in /tmp: the same disk as the result, and /tmp may be RAM (tmpfs).
   parent = os.path.dirname(os.path.abspath(out))
@@ -64,12 +68,14 @@ def convert(
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
+  """The command line; options may come before, between or after the positionals (`parse_intermixed_args`)."""
   parser = argparse.ArgumentParser(
     prog="python -m conversion.llm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument("source", help="a Hugging Face LLaMA-family folder or a llama.cpp .gguf file")
-  parser.add_argument("out", help="the model folder to write (must not hold a model yet)")
+  parser.add_argument("out", help="the model folder to write: new or empty (see --force)")
+  parser.add_argument("--force", action="store_true", help="write into a non-empty OUT, keeping its files")
   parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the stored weights")
   parser.add_argument(
     "--no-strict", dest="strict", action="store_false",
@@ -80,11 +86,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--lora-alpha", type=float, default=defaults.alpha, help="the adapters' scale is alpha / rank")
   parser.add_argument("--lora-dropout", type=float, default=defaults.dropout, help="adapter input dropout in training")
   parser.add_argument("--lora-targets", default=",".join(defaults.targets), help="comma-separated projections")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  command = parser()
+  args = command.parse_intermixed_args(argv)
   targets = tuple(args.lora_targets.split(","))
   unknown = sorted(set(targets) - set(hf_llama.ATTENTION + hf_llama.MLP))
   if unknown:
-    parser.error(f"unknown --lora-targets {unknown}; expected some of {hf_llama.ATTENTION + hf_llama.MLP}")
+    command.error(f"unknown --lora-targets {unknown}; expected some of {hf_llama.ATTENTION + hf_llama.MLP}")
   args.lora = None
   if args.lora_rank is not None:
     args.lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
@@ -93,7 +104,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
   args = parse_args(argv)
-  convert(args.source, args.out, param_dtype=args.dtype, lora=args.lora, strict=args.strict)
+  convert(args.source, args.out, param_dtype=args.dtype, lora=args.lora, strict=args.strict, force=args.force)
   print(f"wrote {os.path.abspath(args.out)}")
 
 

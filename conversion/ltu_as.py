@@ -114,10 +114,19 @@ def checkpoint_kind(path: str, first_key: str) -> str:
 
 
 def convert(
-  src: str | None, llm_dir: str, whisper_dir: str, out: str, *, lora: LoRAConfig | None = LTU_AS_LORA, seed: int = 0
+  src: str | None,
+  llm_dir: str,
+  whisper_dir: str,
+  out: str,
+  *,
+  lora: LoRAConfig | None = LTU_AS_LORA,
+  seed: int = 0,
+  force: bool = False,
 ) -> LtuAs:
   """Composes LLM + Whisper folders with TLTR, projection and LoRA from `src` (or fresh) into `out`; without
-  `lora` the composite has no adapters (the trainer adds them at the rank its config names)."""
+  `lora` the composite has no adapters (the trainer adds them at the rank its config names); `force`
+  allows a non-empty `out` (`rules.check_output`)."""
+  rules.check_output(out, [src, llm_dir, whisper_dir], force=force, writes=(*rules.MODEL_FOLDER_FILES, WHISPER_SUBFOLDER))
   model_folder.require(llm_dir, "conversion.ltu_as --llm", kinds.CHATS)
   model_folder.require(whisper_dir, "conversion.ltu_as --whisper", kinds.TRANSCRIBES)
   llm = model_folder.load(llm_dir)
@@ -144,6 +153,9 @@ def convert(
   return model
 
 
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
 def export_peft(model: LtuAs, folder: str, base_model: str = "") -> None:
   """Our adapters as a peft adapter folder that `PeftModel.from_pretrained(llama, folder)` loads."""
   lora = model.config.llm.lora
@@ -151,12 +163,12 @@ def export_peft(model: LtuAs, folder: str, base_model: str = "") -> None:
     raise ValueError("the model has no LoRA adapters to export")
   os.makedirs(folder, exist_ok=True)
   tensors = dict(rules.export(nnx.state(model), adapter_rules(model.config)))
-  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, os.path.join(folder, "adapter_model.safetensors"))
+  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, os.path.join(folder, PEFT_FILES[0]))
   config = dict(
     peft_type="LORA", task_type="CAUSAL_LM", r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
     target_modules=list(lora.targets), bias="none", base_model_name_or_path=base_model, inference_mode=True,
   )
-  with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+  with open(os.path.join(folder, PEFT_FILES[1]), "w") as f:
     json.dump(config, f, indent=2)
 
 
@@ -173,8 +185,11 @@ def export_release(model: LtuAs, path: str) -> None:
     torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, path)
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+  """The command line; options may come before, between or after the positionals (`parse_intermixed_args`)."""
+  parser = argparse.ArgumentParser(
+    prog="python -m conversion.ltu_as", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("paths", nargs="*", help="[SRC] OUT when converting")
   parser.add_argument("--llm", help="LLM model folder (conversion.llm)")
   parser.add_argument("--whisper", help="Whisper model folder (conversion.whisper)")
@@ -183,31 +198,52 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--lora-dropout", type=float, default=LTU_AS_LORA.dropout)
   parser.add_argument("--lora-targets", default=",".join(LTU_AS_LORA.targets))
   parser.add_argument("--seed", type=int, default=0, help="initialisation of whatever SRC does not hold")
+  parser.add_argument("--force", action="store_true", help="write into a non-empty OUT or --peft-dir, keeping its files")
   parser.add_argument("--export", action="store_true", help="write an LTU-AS model folder back to PyTorch formats")
   parser.add_argument("--model", help="with --export: the LTU-AS model folder")
   parser.add_argument("--peft-dir", help="with --export: write a peft adapter folder here")
   parser.add_argument("--release", help="with --export: write an LTU-AS-layout .bin (or .safetensors) here")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  """The parsed command line, its combinations checked (`parser().error` exits with the usage)."""
+  command = parser()
+  args = command.parse_intermixed_args(argv)
   if args.export:
     if not args.model or not (args.peft_dir or args.release):
-      parser.error("--export needs --model and at least one of --peft-dir, --release")
+      command.error("--export needs --model and at least one of --peft-dir, --release")
+    if args.paths:
+      command.error(f"--export takes no positional paths (got {args.paths}); the model is --model")
+  elif len(args.paths) not in (1, 2) or not args.llm or not args.whisper:
+    command.error("usage: [SRC] OUT --llm LLM_DIR --whisper WHISPER_DIR")
+  return args
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
+  if args.export:
+    # Both outputs are checked before either is written.
+    if args.peft_dir:
+      rules.check_output(args.peft_dir, [args.model], force=args.force, writes=PEFT_FILES)
+    if args.release:
+      release_folder = os.path.dirname(os.path.abspath(args.release))
+      rules.check_output(release_folder, [args.model], force=True, writes=[os.path.basename(args.release)])
     try:
       model_folder.require(args.model, "conversion.ltu_as --export", kinds.AUDIO_LLM)
     except (FileNotFoundError, ValueError) as error:
-      parser.error(str(error))
+      parser().error(str(error))
     loaded = model_folder.load(args.model, tokenizer=False)
     if args.peft_dir:
       export_peft(loaded.model, args.peft_dir)
     if args.release:
       export_release(loaded.model, args.release)
     return
-  if len(args.paths) not in (1, 2) or not args.llm or not args.whisper:
-    parser.error("usage: [SRC] OUT --llm LLM_DIR --whisper WHISPER_DIR")
   src, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
   lora = None
   if args.lora_rank:
     lora = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))
-  convert(src, args.llm, args.whisper, out, lora=lora, seed=args.seed)
+  convert(src, args.llm, args.whisper, out, lora=lora, seed=args.seed, force=args.force)
   print(f"wrote {out}", file=sys.stderr)
 
 

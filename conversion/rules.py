@@ -5,18 +5,24 @@ path of the target parameter in our model, and a transform (transpose, split, un
 Stacked (scanned) targets have a leading layer axis; a rule whose source has `{layer}` fills one slice.
 
 `load` streams source tensors one at a time into the target arrays and, in strict mode, raises one
-`CheckpointMismatch` that lists every missing, unexpected and mis-shaped key at once.
+`CheckpointMismatch` that lists every missing, unexpected and mis-shaped key at once; a key whose values
+are not floating point where the model has floats (integers, booleans) is refused in every mode, as a
+cast would turn quantized codes or ids into wrong weights without a word. `check_output` is every
+converter's guard for the folder it writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
 from flax import nnx
+
+from ltu_jax import model_folder
 
 
 def identity(array: np.ndarray) -> np.ndarray:
@@ -49,10 +55,14 @@ class Rule:
 class CheckpointMismatch(ValueError):
   """A checkpoint whose keys or shapes do not fit the model, with every problem listed."""
 
-  def __init__(self, source: str, missing: list[str], unexpected: list[str], misshaped: list[str]):
-    self.missing, self.unexpected, self.misshaped = missing, unexpected, misshaped
+  def __init__(
+    self, source: str, missing: list[str], unexpected: list[str], misshaped: list[str], mistyped: list[str] = ()
+  ):
+    self.missing, self.unexpected, self.misshaped, self.mistyped = missing, unexpected, misshaped, list(mistyped)
     lines = [f"{source} does not match the model:"]
-    for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+    for title, keys in (
+      ("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped), ("wrong dtype", self.mistyped)
+    ):
       if keys:
         lines.append(f"  {len(keys)} {title}:")
         lines.extend(f"    {k}" for k in keys)
@@ -61,6 +71,12 @@ class CheckpointMismatch(ValueError):
 
 def path_str(path: tuple) -> str:
   return ".".join(str(p) for p in path)
+
+
+def is_floating(dtype: np.dtype) -> bool:
+  """numpy's floats and ml_dtypes' (bfloat16, float8_*: numpy files those under kind "V")."""
+  dtype = np.dtype(dtype)
+  return dtype.kind == "f" or (dtype.kind == "V" and dtype.name.startswith(("bfloat", "float")))
 
 
 def load(
@@ -103,7 +119,8 @@ def load(
   filled: dict[str, np.ndarray] = {}
   unexpected: list[str] = []
   misshaped: list[str] = []
-  reported: set[tuple[str, int | None]] = set()  # mis-shaped targets, not to be listed again as missing
+  mistyped: list[str] = []
+  reported: set[tuple[str, int | None]] = set()  # mis-shaped or mis-typed targets, not to be listed again as missing
 
   for key, array in tensors:
     matched = False
@@ -116,32 +133,31 @@ def load(
         continue
       var = flat[rule.target]
       shape, dtype = var.shape, var.dtype
+      layer = int(m["layer"]) if rule.layered else None
+      if layer is not None and layer >= shape[0]:
+        unexpected.append(f"{key} (the model has {shape[0]} layers)")
+        continue
       array = np.asarray(array)
+      if is_floating(dtype) and not is_floating(array.dtype):
+        mistyped.append(f"{key}: {array.dtype.name}, expected floating point for {rule.target} ({np.dtype(dtype).name})")
+        reported.add((rule.target, layer))
+        continue
       value = rule.transform(array)
-      got = f"{tuple(array.shape)}" + (f" (as {tuple(value.shape)})" if value.shape != array.shape else "")
-      if rule.layered:
-        layer = int(m["layer"])
-        if layer >= shape[0]:
-          unexpected.append(f"{key} (the model has {shape[0]} layers)")
-          continue
-        if value.shape != shape[1:]:
-          misshaped.append(f"{key}: {got}, expected {tuple(shape[1:])} for {rule.target}")
-          reported.add((rule.target, layer))
-          continue
-        if rule.target not in out:
-          out[rule.target] = allocate(rule.target, shape, dtype)
-          filled[rule.target] = np.zeros(shape[0], bool)
+      expected = shape if layer is None else shape[1:]
+      if value.shape != expected:
+        got = f"{tuple(array.shape)}" + (f" (as {tuple(value.shape)})" if value.shape != array.shape else "")
+        misshaped.append(f"{key}: {got}, expected {tuple(expected)} for {rule.target}")
+        reported.add((rule.target, layer))
+        continue
+      if rule.target not in out:
+        out[rule.target] = allocate(rule.target, shape, dtype)
+        filled[rule.target] = np.zeros(shape[0] if rule.layered else (), bool)
+      if layer is None:
+        out[rule.target][...] = value  # cast to the target dtype on the way in
+        filled[rule.target][...] = True
+      else:
         out[rule.target][layer] = value
         filled[rule.target][layer] = True
-      else:
-        if value.shape != shape:
-          misshaped.append(f"{key}: {got}, expected {tuple(shape)} for {rule.target}")
-          reported.add((rule.target, None))
-          continue
-        if rule.target not in out:
-          out[rule.target] = allocate(rule.target, shape, dtype)
-        out[rule.target][...] = value  # cast to the target dtype on the way in
-        filled[rule.target] = np.ones((), bool)
     if not matched:
       unexpected.append(key)
 
@@ -156,8 +172,11 @@ def load(
       if target == path and layer is not None:
         layers_done[layer] = True
     missing.extend(_expected_sources(rules, path, layers_done))
-  if strict and (missing or unexpected or misshaped):
-    raise CheckpointMismatch(source, missing, unexpected, misshaped)
+  if mistyped or (strict and (missing or unexpected or misshaped)):
+    # Without `strict` only wrong dtypes stop the load: the other lists are what it lets pass.
+    if not strict:
+      missing, unexpected, misshaped = [], [], []
+    raise CheckpointMismatch(source, missing, unexpected, misshaped, mistyped)
 
   def value_of(path: tuple, var: nnx.Variable) -> nnx.Variable:
     name = path_str(path)
@@ -168,6 +187,56 @@ def load(
     return var.replace(np.asarray(var.get_value()))
 
   return nnx.from_flat_state([(path, value_of(path, var)) for path, var in nnx.to_flat_state(state)])
+
+
+class OutputRefused(FileExistsError):
+  """An output path that a conversion will not write: it would mix with, replace or land in other files."""
+
+
+# What `model_folder.save` writes into a folder (the tokenizer's files besides these are its own choice).
+MODEL_FOLDER_FILES = (model_folder.CONFIG_FILE, model_folder.PARAMS_DIR, *model_folder.TOKENIZER_FILES)
+
+
+def check_output(
+  out: str | os.PathLike,
+  sources: Iterable[str | os.PathLike | None],
+  *,
+  force: bool = False,
+  writes: Iterable[str] = MODEL_FOLDER_FILES,
+) -> None:
+  """Refuses, before any work, an output folder whose writing would lose something: one equal to or inside
+  any of `sources`, a file, a folder that already holds any of the names it `writes`, or, without
+  `force`, any other non-empty folder. With `force` a non-empty folder is written into and its other
+  files are kept. Paths are compared after resolving links, so another spelling does not get past.
+  """
+  out = os.fspath(out)
+  real = os.path.realpath(out)
+  for source in sources:
+    if source is None:
+      continue
+    source_real = os.path.realpath(source)
+    if real == source_real or real.startswith(source_real.rstrip(os.sep) + os.sep):
+      raise OutputRefused(
+        f"output {out} is {'the source' if real == source_real else 'inside the source'} {os.fspath(source)}; "
+        "a conversion never writes into or over what it reads: choose another output folder"
+      )
+  if not os.path.exists(out):
+    return
+  if not os.path.isdir(out):
+    raise OutputRefused(f"output {out} is a file; the output must be a new folder")
+  entries = sorted(os.listdir(out))
+  taken = [name for name in writes if name in entries]
+  if taken:
+    raise OutputRefused(
+      f"output {out} already holds {', '.join(taken)}, which the conversion would replace; choose a new folder, "
+      "or move them away first"
+    )
+  if entries and not force:
+    shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+    raise OutputRefused(
+      f"output {out} is not empty (it holds {shown}); choose a new folder, or pass --force to write beside "
+      "those files (they are kept)"
+    )
 
 
 def _expected_sources(rules: list[Rule], target: str, layers_done: np.ndarray) -> Iterator[str]:

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from conversion import ctranslate2, hf_whisper, openai_whisper, sources
+from conversion import ctranslate2, hf_whisper, openai_whisper, rules, sources
 from conversion.rules import Rule
 from ltu_jax import model_folder
 from ltu_jax.models.whisper import WhisperConfig
@@ -101,12 +101,13 @@ def convert(
   dtype: str = "float32",
   tokenizer: str | os.PathLike | None = None,
   progress: bool = True,
+  force: bool = False,
 ) -> None:
-  """Converts the Whisper checkpoint `src` into the model folder `out` (see the module docstring)."""
+  """Converts the Whisper checkpoint `src` into the model folder `out` (see the module docstring); `force`
+  allows a non-empty `out` (`rules.check_output`)."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
-  if os.path.exists(os.path.join(out, model_folder.PARAMS_DIR)):
-    raise FileExistsError(f"{out} already holds a model; choose a new output folder")
+  rules.check_output(out, [src, tokenizer], force=force)
   config, tensors, table = read_checkpoint(src)
   text_folder = tokenizer if tokenizer is not None else src
   if not os.path.isdir(text_folder):
@@ -121,14 +122,20 @@ def convert(
   model_folder.save(out, model, "whisper", extra=extra, tokenizer=text)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+  """The command line; options may come before, between or after the positionals (`parse_intermixed_args`)."""
   parser = argparse.ArgumentParser(prog="python -m conversion.whisper", description=__doc__.split("\n\n")[0])
   parser.add_argument("src", help="Hugging Face folder, CTranslate2 folder or openai-whisper .pt")
-  parser.add_argument("out", help="the model folder to write (new)")
+  parser.add_argument("out", help="the model folder to write: new or empty (see --force)")
   parser.add_argument("--dtype", choices=DTYPES, default="float32", help="stored parameter dtype")
   parser.add_argument("--tokenizer", help="Hugging Face or CTranslate2 folder giving the tokenizer and suppress lists")
-  args = parser.parse_args(argv)
-  convert(args.src, args.out, dtype=args.dtype, tokenizer=args.tokenizer)
+  parser.add_argument("--force", action="store_true", help="write into a non-empty OUT, keeping its files")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parser().parse_intermixed_args(argv)
+  convert(args.src, args.out, dtype=args.dtype, tokenizer=args.tokenizer, force=args.force)
   print(f"wrote {os.path.abspath(args.out)}", file=sys.stderr)
   return 0
 

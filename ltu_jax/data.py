@@ -15,13 +15,16 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import sys
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import grain
@@ -36,6 +39,8 @@ REQUIRED_FIELDS = ("instruction", "input", "output", "audio_id")
 MEGA_BATCHES = 50
 # records tokenized per tokenizer call: the fast tokenizer works on a list in parallel
 TOKENIZE_CHUNK = 4096
+# cached feature files read at once when checking a data file (npz decompression releases the GIL)
+CHECK_THREADS = 8
 
 
 class DataError(ValueError):
@@ -52,24 +57,30 @@ def read_records(
   """Reads and checks an LTU JSON list or JSON-lines (`.jsonl`) file.
 
   Every record needs string fields `instruction`, `input`, `output` and `audio_id`; other fields are kept.
-  With `features`, each record's audio must also be usable: a cached feature, or an audio file the
-  store's Whisper can encode. A bad record raises `DataError` naming the file, the record (and line) and
-  the problem, or with `skip_bad` is logged and skipped.
+  With `features`, each record's audio must also be usable: a cached feature file that `FeatureStore.problem`
+  accepts (read once: shape, dtype, finite values, no other clip sharing it), or an audio file the store's
+  Whisper can encode. A bad record raises `DataError` naming the file, the record (and line) and the
+  problem, or with `skip_bad` is logged and skipped.
 
   Returns:
     (the good records in file order, the number skipped).
   """
   path = os.fspath(path)
+  parsed = [(where, record, problem or _record_problem(record)) for where, record, problem in _parsed_records(path)]
+  if not skip_bad:  # before the feature files are read: a bad record stops the run at once
+    for where, _, problem in parsed:
+      if problem is not None:
+        raise DataError(f"{path}: {where}: {problem}")
   audio_problems: dict[str, str | None] = {}  # clips are shared by many questions: check each once
+  if features is not None:
+    audio_ids = list(dict.fromkeys(record["audio_id"] for _, record, problem in parsed if problem is None))
+    features.claim(audio_ids)  # all before any check, so a file that two clips would share fails both
+    with concurrent.futures.ThreadPoolExecutor(CHECK_THREADS) as pool:
+      audio_problems = dict(zip(audio_ids, pool.map(features.problem, audio_ids)))
   records, skipped = [], 0
-  for where, record, problem in _parsed_records(path):
-    problem = problem or _record_problem(record)
-    if problem is None and features is not None:
-      audio_id = record["audio_id"]
-      if audio_id not in audio_problems:
-        audio_problems[audio_id] = features.problem(audio_id)
-      if audio_problems[audio_id] is not None:
-        problem = f"field 'audio_id': {audio_problems[audio_id]}"
+  for where, record, problem in parsed:
+    if problem is None and audio_problems.get(record["audio_id"]) is not None:
+      problem = f"field 'audio_id': {audio_problems[record['audio_id']]}"
     if problem is None:
       records.append(record)
     elif skip_bad:
@@ -175,9 +186,28 @@ def tokenize_many(
 # Audio features
 
 
+# bytes of an audio path kept readable in its cache name (file names may have 255)
+READABLE_NAME_BYTES = 160
+
+
 def feature_filename(audio_id: str) -> str:
-  """The original's cache name: the audio's 3 parent folders and its name without extension, joined by
-  `_` (ltu `src/ltu_as/extract_whisper_feature.py` `gen_filename`, the training collator)."""
+  """The cache name of a clip's features, one per audio path: the original's readable part (the audio's 3
+  parent folders and its file name, joined by `_`, here keeping the extension) and a hash of the whole
+  path, e.g. `audioset_train_balanced_Y0a1b2c.wav-<16 hex digits>.npz`.
+
+  The original's name (`original_feature_filename`) drops the extension and every folder above those 3,
+  so `a.wav` beside `a.flac`, clips without an extension, and clips of two roots shared one file and one
+  clip trained on another's features. `FeatureStore` still reads caches named that way.
+  """
+  parts = audio_id.split("/")
+  readable = "_".join(parts[-4:]).encode()[:READABLE_NAME_BYTES].decode(errors="ignore")
+  return f"{readable}-{hashlib.sha256(audio_id.encode()).hexdigest()[:16]}.npz"
+
+
+def original_feature_filename(audio_id: str) -> str:
+  """The original's cache name, which caches it filled use: 3 parent folders and the name without its
+  extension, joined by `_` (ltu `src/ltu_as/extract_whisper_feature.py` `gen_filename`, the training
+  collator), bug for bug (without an extension the name is lost: `a/b/c/clip` → `a_b_c_.npz`)."""
   extension = audio_id.split(".")[-1]
   return "_".join(audio_id.split("/")[-4:-1]) + "_" + audio_id.split("/")[-1][: -len(extension) - 1] + ".npz"
 
@@ -193,8 +223,10 @@ class AudioEncoder(Protocol):
 
 class FeatureStore:
   """The feature cache: `cache_dir/<feature_filename(audio_id)>`, each an `.npz` with `arr_0`
-  `[layers, windows * tokens, dim]` float16, as the original's `extract_whisper_feature.py` writes (one
-  10 s window: `[layers, 25, dim]`).
+  `[layers, windows * tokens, dim]` float16 (float32 is accepted), as the original's
+  `extract_whisper_feature.py` writes them (one 10 s window: `[layers, 25, dim]`). A clip without a file of
+  that name is read from one of `original_feature_filename` (a cache the original filled) unless another
+  clip claims that file too (`claim`, `path`).
 
   With `encoder`, a clip without a cached file is encoded from its audio (not written back). `shape` is the
   expected `(layers, tokens, dim)` of one window: by default the encoder's, or else that of a file already
@@ -222,20 +254,50 @@ class FeatureStore:
     self.max_windows = max_windows
     self.dtype = np.dtype(dtype)
     self._trimmed: set[str] = set()  # files already warned about
+    self._claims: dict[str, set[str]] = collections.defaultdict(set)  # cache file → the clips that read it
 
   @property
   def max_tokens(self) -> int:
     """Audio tokens of a clip that fills every window: the time axis batches are padded to."""
     return self.shape[1] * self.max_windows
 
+  def _resolve(self, audio_id: str) -> str:
+    own = os.path.join(self.cache_dir, feature_filename(audio_id))
+    original = os.path.join(self.cache_dir, original_feature_filename(audio_id))
+    return original if not os.path.isfile(own) and os.path.isfile(original) else own
+
+  def claim(self, audio_ids: Iterable[str]) -> None:
+    """Notes clips that will be read, so that `path` refuses a file that two of them would share, for both."""
+    for audio_id in audio_ids:
+      self._claims[self._resolve(audio_id)].add(audio_id)
+
   def path(self, audio_id: str) -> str:
-    return os.path.join(self.cache_dir, feature_filename(audio_id))
+    """The file of `audio_id`'s features: its own name if the cache has it, else the original's name if the
+    cache has that, else its own name (where `extract_features` writes). A file that another clip has
+    claimed too is a `DataError` naming both: it holds at most one of them."""
+    path = self._resolve(audio_id)
+    claims = self._claims[path]
+    claims.add(audio_id)
+    if len(claims) > 1:
+      clips = ", ".join(sorted(claims))
+      if os.path.basename(path) == feature_filename(audio_id):
+        raise DataError(f"audio {clips} have the same feature file name {path} (their paths' hashes collide); rename one")
+      raise DataError(
+        f"feature file {path} has the original's name (3 parent folders and the name without extension), which "
+        f"audio {clips} all map to: it holds at most one of them; extract their features again (python -m "
+        "ltu_jax.extract_features names each file after the whole audio path)"
+      )
+    return path
 
   def problem(self, audio_id: str) -> str | None:
-    """Why `load(audio_id)` would fail for want of files, or None."""
-    path = self.path(audio_id)
-    if os.path.isfile(path):
-      return None
+    """Why `load(audio_id)` would fail, or None; a cached file is read and checked whole (`_checked`)."""
+    try:
+      path = self.path(audio_id)
+      if os.path.isfile(path):
+        self._checked(path, audio_id, _read_feature(path))
+        return None
+    except DataError as error:
+      return str(error)
     if self.encoder is None:
       return f"no cached feature {path} for audio {audio_id} (fill the cache with python -m ltu_jax.extract_features)"
     if not os.path.isfile(audio_id):
@@ -247,16 +309,12 @@ class FeatureStore:
     from the audio."""
     path = self.path(audio_id)
     if os.path.isfile(path):
-      features = _read_feature(path)
-      layers, tokens, dim = self.shape
-      if features.ndim != 3 or (features.shape[0], features.shape[2]) != (layers, dim) or features.shape[1] % tokens:
-        raise DataError(
-          f"feature file {path} (audio {audio_id}) has shape {features.shape}, expected ({layers}, a multiple of {tokens}, {dim})"
-        )
+      features = self._checked(path, audio_id, _read_feature(path))
       if features.shape[1] > self.max_tokens:
         if path not in self._trimmed:
           self._trimmed.add(path)
-          log.warning("%s: features of %d windows, the first %d kept (max_windows)", path, features.shape[1] // tokens, self.max_windows)
+          windows = features.shape[1] // self.shape[1]
+          log.warning("%s: features of %d windows, the first %d kept (max_windows)", path, windows, self.max_windows)
         features = features[:, : self.max_tokens]
     elif self.encoder is not None:
       try:
@@ -266,6 +324,20 @@ class FeatureStore:
     else:
       raise DataError(self.problem(audio_id))
     return features.astype(self.dtype)
+
+  def _checked(self, path: str, audio_id: str, features: np.ndarray) -> np.ndarray:
+    """`features` if they are what the model reads: the store's shape, float16 or float32, all finite."""
+    where = f"feature file {path} (audio {audio_id})"
+    if self.shape is not None:
+      layers, tokens, dim = self.shape
+      if features.ndim != 3 or (features.shape[0], features.shape[2]) != (layers, dim) or features.shape[1] % tokens:
+        raise DataError(f"{where} has shape {features.shape}, expected ({layers}, a multiple of {tokens}, {dim})")
+    if features.dtype not in (np.float16, np.float32):
+      raise DataError(f"{where} holds {features.dtype} values, expected float16 (as extracted) or float32")
+    bad = features.size - int(np.count_nonzero(np.isfinite(features)))
+    if bad:
+      raise DataError(f"{where} has {bad} NaN or infinite values of {features.size}")
+    return features
 
 
 def _read_feature(path: str) -> np.ndarray:

@@ -5,11 +5,14 @@
 
 Each unique `audio_id` becomes `CACHE_DIR/<feature_filename(audio_id)>`, an `.npz` with `arr_0`
 `[layers, 25, dim]` float16, as the original's `extract_whisper_feature.py` writes (with `--max-windows W`, a
-clip longer than 10 s gives `[layers, w * 25, dim]`, its first w ≤ W windows in order). Files are written
-under a temporary name and renamed, so a killed run leaves no truncated file, and a re-run skips the clips
-already done. `--dtype` is the encoder's compute dtype: float32 gives the features of the paper's
-`ltuas_ori_paper` ("old GPU"), float16 those of the released `*_a6` checkpoints ("new GPU") (facts §1.2);
-float16 needs a GPU (XLA on CPU has no fp16 matmul with fp32 accumulation).
+clip longer than 10 s gives `[layers, w * 25, dim]`, its first w ≤ W windows in order), named after the
+whole audio path (the original's names could give two clips one file). Files are written under a temporary
+name and renamed, so a killed run leaves no truncated file, and a re-run skips the clips already done,
+also those of a cache that the original filled (`data.FeatureStore` reads its names).
+
+`--dtype` is the encoder's compute dtype: float32 gives the features of the paper's `ltuas_ori_paper`
+("old GPU"), float16 those of the released `*_a6` checkpoints ("new GPU") (facts §1.2); float16 needs a
+GPU (XLA on CPU has no fp16 matmul with fp32 accumulation).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 import ltu_jax
-from ltu_jax.data import DataError, feature_filename, read_records
+from ltu_jax.data import DataError, FeatureStore, feature_filename, read_records
 from ltu_jax.features import WhisperFeatures
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ def write_feature(path: str, features: np.ndarray) -> None:
 
 def unique_audio_ids(data_files: Sequence[str], *, skip_bad: bool) -> list[str]:
   """Every distinct `audio_id` of the data files, in first-seen order; two clips that share a cache
-  name (the original's naming keeps only 3 parent folders) are an error, as one would get the other's
+  name (which `feature_filename` makes unique per path) are an error, as one would get the other's
   features."""
   owners: dict[str, str] = {}
   for path in data_files:
@@ -84,7 +87,16 @@ def extract(
   Audio is decoded in `threads` threads while the encoder runs. Returns (written, already cached, bad).
   """
   os.makedirs(out, exist_ok=True)
-  todo = [a for a in audio_ids if not os.path.isfile(os.path.join(out, feature_filename(a)))]
+  cache = FeatureStore(out, shape=encoder.shape)
+  cache.claim(audio_ids)
+
+  def cached(audio_id: str) -> bool:
+    try:
+      return os.path.isfile(cache.path(audio_id))
+    except DataError:  # an original-named file that several clips map to: each gets a file of its own
+      return False
+
+  todo = [a for a in audio_ids if not cached(a)]
   batches = (
     grain.MapDataset.source(todo)
     .map(lambda audio_id: _mel_or_error(encoder, audio_id))
@@ -111,7 +123,8 @@ def extract(
   return written, len(audio_ids) - len(todo), bad
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+  """The command line; options may come before, between or after the positionals (`parse_intermixed_args`)."""
   parser = argparse.ArgumentParser(prog="python -m ltu_jax.extract_features", description=__doc__.split("\n\n")[0])
   parser.add_argument("--whisper", required=True, help="a Whisper model folder (python -m conversion.whisper)")
   parser.add_argument("--data", required=True, nargs="+", help="LTU JSON or JSONL files")
@@ -123,7 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     help="10 s windows kept per clip, 25 audio tokens each (default 1: the release's first 10 s); longer audio is dropped with a warning",
   )
   parser.add_argument("--skip-bad", action="store_true", help="log and skip bad records and audio instead of stopping")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parser().parse_intermixed_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:
     audio_ids = unique_audio_ids(args.data, skip_bad=args.skip_bad)

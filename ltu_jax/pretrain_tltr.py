@@ -209,8 +209,11 @@ def pretrain(
   return scores
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+  """The command line; options may come before, between or after the positionals (`parse_intermixed_args`)."""
+  parser = argparse.ArgumentParser(
+    prog="python -m ltu_jax.pretrain_tltr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("out", help="the new LTU-AS model folder")
   parser.add_argument("--model", required=True, help="the LTU-AS model folder whose TLTR is pretrained")
   parser.add_argument("--data", required=True, help="LTU JSON/JSONL whose records carry `labels`")
@@ -221,11 +224,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--lr", type=float, default=1e-3)
   parser.add_argument("--seed", type=int, default=0)
-  return parser.parse_args(argv)
+  return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  args = parse_args(argv)
+  args = parser().parse_intermixed_args(argv)
   scores = pretrain(
     args.model, args.data, args.features, args.out, eval_data=args.eval, keys=args.keys, epochs=args.epochs,
     batch_size=args.batch_size, lr=args.lr, seed=args.seed,

@@ -8,7 +8,8 @@
    frozen); trains the curriculum tiny_stage1 → 2 → 3; scores the trained model and prints both side
    by side.
 
-Every step that already has its output is skipped, so a re-run resumes; `--fresh` starts over.
+Every step that already has its output is skipped, so a re-run resumes; `--fresh` starts over, deleting
+only what the demo writes (`outputs()`): other files in cache/ and runs/ are kept.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from ltu_jax import eval as evaluation
 from ltu_jax import extract_features, generate, model_folder, pretrain_tltr, tiny_data, train
 
 STAGES = ("tiny_stage1", "tiny_stage2", "tiny_stage3")
-REPORT = "runs/tiny_report.md"
+REPORT = f"{tiny.RUNS}/tiny_report.md"
+PREDICTIONS = f"{tiny.RUNS}/tiny_predictions_{{}}.jsonl"  # untrained, trained
 # Answers of the tiny set are one short sentence; the untrained model would ramble to the limit.
 EVAL_SAMPLING = generate.SamplingConfig(max_new_tokens=40, repetition_penalty=1.1)
 
@@ -101,7 +103,7 @@ def tagged_tltr(scale: Scale) -> None:
 def scores(model: str, name: str, limit: int | None) -> dict[str, evaluation.Score]:
   step(f"answering the held-out split with the {name} model ({model})")
   return evaluation.evaluate(
-    model, os.path.join(tiny.DATA, "test.json"), tiny.FEATURES, out=f"runs/tiny_predictions_{name}.jsonl",
+    model, os.path.join(tiny.DATA, "test.json"), tiny.FEATURES, out=PREDICTIONS.format(name),
     sampling=EVAL_SAMPLING, limit=limit,
   )
 
@@ -116,9 +118,35 @@ def curriculum(scale: Scale) -> str:
   return os.path.join(train.load_config(STAGES[-1]).output_dir, "model")
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--fresh", action="store_true", help="delete earlier models, data and runs first")
+def outputs() -> list[str]:
+  """Every path the demo writes, relative to the working directory it runs in (as `tiny.CACHE`, `tiny.RUNS`)."""
+  models = (tiny.WHISPER, tiny.LLM, tiny.LTU_AS, tiny.LTU_AS_TAGGED)
+  # conversion.llm's scratch folder beside its output, left behind only by a killed conversion
+  scratch = glob.glob(os.path.join(os.path.dirname(tiny.LLM), f".{os.path.basename(tiny.LLM)}-*"))
+  stages = [f"{tiny.RUNS}/{name}" for name in STAGES]
+  return [*models, *scratch, tiny.DATA, *stages, REPORT, *(PREDICTIONS.format(name) for name in ("untrained", "trained"))]
+
+
+def remove_outputs() -> None:
+  """Deletes what `outputs()` names, then the folders it leaves empty; anything else is kept."""
+  for path in outputs():
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+    elif os.path.lexists(path):
+      os.remove(path)
+  for folder in (os.path.dirname(tiny.LLM), tiny.CACHE, tiny.RUNS):  # innermost first
+    if os.path.isdir(folder) and not os.listdir(folder):
+      os.rmdir(folder)
+
+
+def parser() -> argparse.ArgumentParser:
+  """The command line (`parse_intermixed_args`, as every command of the project)."""
+  parser = argparse.ArgumentParser(
+    prog="python -m ltu_jax.tiny", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    "--fresh", action="store_true", help="delete the demo's earlier models, data and runs first (other files are kept)"
+  )
   parser.add_argument("--limit", type=int, default=None, help="score only the first N held-out questions")
   parser.add_argument(
     "--smoke", action="store_true",
@@ -130,10 +158,13 @@ def main(argv: list[str] | None = None) -> None:
     help="put Whisper tiny.en's transcripts in the prompts, as LTU-AS does (about 3 more minutes); "
     "by default the prompts carry the text espeak-ng read",
   )
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parser().parse_intermixed_args(argv)
   if args.fresh:
-    for path in (tiny.CACHE, "runs"):
-      shutil.rmtree(path, ignore_errors=True)
+    remove_outputs()
   scale = SMOKE if args.smoke else Scale(limit=args.limit)
   models()
   dataset(tiny.WHISPER if args.whisper_transcripts else None, scale)

@@ -532,7 +532,8 @@ def build(
   return splits
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+  """The command line; options may come before, between or after the positionals (`parse_intermixed_args`)."""
   parser = argparse.ArgumentParser(prog="python -m ltu_jax.tiny_data", description=__doc__.split("\n\n")[0])
   parser.add_argument("out_dir", metavar="OUT_DIR")
   parser.add_argument("--seed", type=int, default=0)
@@ -541,7 +542,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument(
     "--transcriber", metavar="MODEL_DIR", help="a Whisper model folder to fill `input` (default: the sentence read)"
   )
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parser().parse_intermixed_args(argv)
   splits = build(args.out_dir, args.seed, args.train, args.test, args.transcriber)
   counts = ", ".join(f"{name}.json: {len(split)} records" for name, split in splits.items())
   print(counts, "in", os.path.abspath(args.out_dir))

@@ -450,8 +450,10 @@ def metrics_writers(output_dir: str):
   return log
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+    prog="python -m ltu_jax.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--config", required=True, help="a config name in configs/ (stage1, tiny_stage3, ...) or a path")
   parser.add_argument(
     "--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override config fields (repeatable)"
@@ -459,7 +461,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--coordinator", help="host:port of process 0, for multi-process runs (jax.distributed)")
   parser.add_argument("--num-processes", type=int, default=1)
   parser.add_argument("--process-id", type=int, default=0)
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parser().parse_intermixed_args(argv)
   if args.coordinator:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes; accelerators use their own
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)

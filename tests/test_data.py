@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -88,7 +89,7 @@ def test_bad_records_are_named_by_file_record_line_and_field(tmp_path):
 def test_records_without_features_are_named_with_the_audio_and_expected_path(tmp_path):
   store = FeatureStore(tmp_path / "cache", shape=FEATURE_SHAPE)
   path = write_json(tmp_path / "d.json", [record(0, 3)])
-  expected = os.path.join(tmp_path, "cache", "audioset_train_clips_clip0.npz")
+  expected = os.path.join(tmp_path, "cache", data.feature_filename("/data/audioset/train/clips/clip0.wav"))
   message = rf"record 0: field 'audio_id': no cached feature {expected} for audio /data/audioset/train/clips/clip0\.wav"
   with pytest.raises(DataError, match=message):
     data.read_records(path, features=store)
@@ -168,10 +169,16 @@ def original_filename(filename: str) -> str:
   "audio_id",
   ["/data/sls/audioset/train/balanced/Y0a1b2c.wav", "/x/vggsound/clips/abc.de.flac", "rel/clip.wav", "/clip.wav"],
 )
-def test_feature_names_follow_the_original(audio_id):
-  assert data.feature_filename(audio_id) == original_filename(audio_id)
-  assert FeatureStore("/cache", shape=FEATURE_SHAPE).path(audio_id) == "/cache/" + original_filename(audio_id)
-  assert data.feature_filename("/data/sls/audioset/train/balanced/Y0a1b2c.wav") == "audioset_train_balanced_Y0a1b2c.npz"
+def test_original_feature_names_are_the_originals(audio_id):
+  assert data.original_feature_filename(audio_id) == original_filename(audio_id)
+
+
+def test_feature_names_keep_the_originals_readable_part_and_hash_the_path():
+  name = data.feature_filename("/data/sls/audioset/train/balanced/Y0a1b2c.wav")
+  assert re.fullmatch(r"audioset_train_balanced_Y0a1b2c\.wav-[0-9a-f]{16}\.npz", name)
+  assert FeatureStore("/cache", shape=FEATURE_SHAPE).path("/a/b/c/d.wav") == "/cache/" + data.feature_filename("/a/b/c/d.wav")
+  deep = "/" + "/".join(["f" * 200] * 4) + ".wav"  # a readable part far over a file name's 255 bytes
+  assert len(data.feature_filename(deep).encode()) <= 255
 
 
 def test_cached_features_round_trip_through_float16(tmp_path):
@@ -186,7 +193,7 @@ def test_cached_features_round_trip_through_float16(tmp_path):
   assert FeatureStore(tmp_path, shape=FEATURE_SHAPE, dtype=np.float16).load("/a/b/c/d.wav").dtype == np.float16
 
 
-WRONG_SHAPE = r"b_c_wide\.npz \(audio /a/b/c/wide\.wav\) has shape \(2, 3, 5\), expected \(2, a multiple of 3, 4\)"
+WRONG_SHAPE = r"b_c_wide\.wav-[0-9a-f]{16}\.npz \(audio /a/b/c/wide\.wav\) has shape \(2, 3, 5\), expected \(2, a multiple of 3, 4\)"
 
 
 def test_unusable_feature_files_are_errors_naming_them(tmp_path):
@@ -196,9 +203,9 @@ def test_unusable_feature_files_are_errors_naming_them(tmp_path):
     store.load("/a/b/c/wide.wav")
   with open(store.path("/a/b/c/bad.wav"), "wb") as f:
     f.write(b"not an npz")
-  with pytest.raises(DataError, match=r"feature file .*b_c_bad\.npz cannot be read"):
+  with pytest.raises(DataError, match=r"feature file .*b_c_bad\.wav-[0-9a-f]{16}\.npz cannot be read"):
     store.load("/a/b/c/bad.wav")
-  with pytest.raises(DataError, match=r"no cached feature .*b_c_none\.npz for audio /a/b/c/none\.wav"):
+  with pytest.raises(DataError, match=r"no cached feature .*b_c_none\.wav-[0-9a-f]{16}\.npz for audio /a/b/c/none\.wav"):
     store.load("/a/b/c/none.wav")
 
 
