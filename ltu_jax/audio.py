@@ -65,9 +65,11 @@ def answer_files(
   """The command-line loop of transcribe and infer: audio files in batches, one output line per file, in order.
 
   `respond(waveforms, batch_index)` gets a batch's loaded clips by position and returns, by the same
-  positions, `(fields, text)`: `text` is printed, or with `jsonl` the line `{"audio": PATH, **fields}`. A file
-  that cannot be loaded is reported in its place (stderr; an `{"audio", "error"}` line with `jsonl`) and the
-  others go on. Returns the exit status: 1 if any file failed.
+  positions, `(fields, text)`. Every line names its file: `PATH<TAB>text` (newlines in the text become
+  spaces, so one file is one line), or with `jsonl` `{"audio": PATH, **fields}`. A file that cannot be loaded
+  gets its line in its place, `PATH<TAB>error: ...` (an `{"audio", "error"}` line with `jsonl`), its error
+  goes to stderr, and the others go on; stderr ends with a count of the failures. Returns the exit status:
+  1 if any file failed.
   """
   from tqdm import tqdm
 
@@ -81,11 +83,12 @@ def answer_files(
         if index in errors:
           failed += 1
           bar.write(f"error: {errors[index]}", file=sys.stderr)
-          line = {"audio": path, "error": errors[index]} if jsonl else None
+          fields, text = {"error": errors[index]}, f"error: {errors[index]}"
         else:
           fields, text = results[index]
-          line = {"audio": path, **fields} if jsonl else text
-        if line is not None:
-          print(json.dumps(line, ensure_ascii=False) if jsonl else line, flush=True)
+        line = json.dumps({"audio": path, **fields}, ensure_ascii=False) if jsonl else f"{path}\t{' '.join(text.splitlines())}"
+        print(line, flush=True)
       bar.update(len(chunk))
+  if failed:
+    print(f"{failed} of {len(paths)} files failed (their lines say why)", file=sys.stderr)
   return 1 if failed else 0

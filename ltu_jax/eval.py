@@ -262,24 +262,36 @@ def predict(
   key: jax.Array | None = None,
   batch_size: int = 16,
   progress: bool = True,
-) -> list[str]:
+  skip_bad: bool = False,
+  bad: list[tuple[str, str]] | None = None,
+) -> list[str | None]:
   """The model's answer to each record, in batches of `batch_size` (the engine pads the last one into its
-  bucket). `store` gives the features (None in asr_only mode); batch b samples with `fold_in(key, b)`."""
-  predictions: list[str] = []
+  bucket). `store` gives the features (None in asr_only mode); batch b samples with `fold_in(key, b)`. A
+  clip whose features cannot be had raises `DataError`, or with `skip_bad` gets None answers and a line in
+  `bad` (audio id, why)."""
+  predictions: list[str | None] = []
   with tqdm(total=len(records), unit=" questions", file=sys.stderr, disable=not progress) as bar:
     for batch, start in enumerate(range(0, len(records), batch_size)):
       chunk = list(records[start : start + batch_size])
-      audio_in = None
+      audio_in, clips = None, {}
       if mode != "asr_only":
-        # questions share clips: load each once
-        clips = {audio_id: store.load(audio_id) for audio_id in dict.fromkeys(r["audio_id"] for r in chunk)}
-        audio_in = data.pad_audio([clips[record["audio_id"]] for record in chunk], store.max_tokens)
-      answers = infer.respond(
+        for audio_id in dict.fromkeys(r["audio_id"] for r in chunk):  # questions share clips: load each once
+          try:
+            clips[audio_id] = store.load(audio_id)
+          except data.DataError as error:
+            if not skip_bad:
+              raise
+            bad.append((audio_id, str(error)))
+        chunk = [r for r in chunk if r["audio_id"] in clips]
+        if chunk:
+          audio_in = data.pad_audio([clips[r["audio_id"]] for r in chunk], store.max_tokens)
+      answers = iter(infer.respond(
         loaded, [r["instruction"] for r in chunk], [r["input"] for r in chunk], audio_in,
         mode=mode, sampling=sampling, key=None if key is None else jax.random.fold_in(key, batch),
-      )
-      predictions += answers
-      bar.update(len(chunk))
+      ) if chunk else [])
+      real = records[start : start + batch_size]
+      predictions += [next(answers) if mode == "asr_only" or r["audio_id"] in clips else None for r in real]
+      bar.update(len(real))
   return predictions
 
 
@@ -305,26 +317,41 @@ def evaluate(
   vocabulary: dict[str, Vocabulary] | None = None,
   progress: bool = True,
   max_windows: int | None = None,
+  skip_bad: bool = False,
 ) -> dict[str, Score]:
   """Answers the records of `data_path` (the first `limit`), writes the predictions to `out` (JSON lines)
   and returns the scores per task. `model` is an audio-language model folder or a loaded one; `features` the
-  cache dir; `max_windows` the 10 s windows a clip may fill (default: the model's)."""
+  cache dir; `max_windows` the 10 s windows a clip may fill (default: the model's). A bad record or clip
+  (malformed, no features, unreadable audio) stops the run naming it, or with `skip_bad` is left out, and
+  the items left out are listed on stderr at the end."""
   if isinstance(model, (str, os.PathLike)):
     loaded = infer.load_model(model, "eval")
   else:
     loaded = infer.require_audio_llm(model, "eval")
   infer.check_mode(mode)
-  records, _ = data.read_records(data_path)
+  records, skipped = data.read_records(data_path, skip_bad=skip_bad)
   records = records[:limit]
-  store = None
+  store, bad = None, []
   if mode != "asr_only":
     store = feature_store(loaded, records, features, max_windows)
-    for record in records:
-      if (problem := store.problem(record["audio_id"])) is not None:
+    for audio_id in dict.fromkeys(r["audio_id"] for r in records):
+      if (problem := store.problem(audio_id)) is None:
+        continue
+      if not skip_bad:
         raise data.DataError(f"{data_path}: {problem}")
+      bad.append((audio_id, problem))
+    left_out = {audio_id for audio_id, _ in bad}
+    records = [r for r in records if r["audio_id"] not in left_out]
   predictions = predict(
-    loaded, records, store, sampling=sampling, mode=mode, key=key, batch_size=batch_size, progress=progress
+    loaded, records, store, sampling=sampling, mode=mode, key=key, batch_size=batch_size, progress=progress,
+    skip_bad=skip_bad, bad=bad,
   )
+  answered = [(r, p) for r, p in zip(records, predictions) if p is not None]
+  records, predictions = [r for r, _ in answered], [p for _, p in answered]
+  if skipped or bad:
+    print(f"left out {skipped} bad records of {data_path} (named above) and the questions about {len(bad)} clips:", file=sys.stderr)
+    for audio_id, why in bad:
+      print(f"  {audio_id}: {why}", file=sys.stderr)
   if out is not None:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
@@ -339,6 +366,7 @@ def parser() -> argparse.ArgumentParser:
   parser.add_argument("--features", required=True, help="the Whisper feature cache (python -m ltu_jax.extract_features)")
   parser.add_argument("--out", help="write the predictions here as JSON lines")
   parser.add_argument("--limit", type=int, help="answer only the first N records")
+  parser.add_argument("--skip-bad", action="store_true", help="leave out bad records and clips, listed at the end")
   infer.add_generation_arguments(parser, batch_size=16)
   return parser
 
@@ -354,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   scores = evaluate(
     loaded, args.data, args.features, out=args.out, batch_size=args.batch_size, limit=args.limit,
     sampling=infer.sampling_from_args(args, loaded), mode=args.mode, key=jax.random.key(args.seed),
-    max_windows=args.max_windows,
+    max_windows=args.max_windows, skip_bad=args.skip_bad,
   )
   print(table(scores))
   return 0

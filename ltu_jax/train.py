@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -148,11 +149,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # What is saved must be finite too: the updated parameters' norm (it overflows to inf on parameters
+    # blown up by a huge learning rate, before they become NaN) costs one pass over the trainable ones.
+    param_norm = optax.tree.norm(params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
     # A non-finite step leaves the state as it was; the loop stops on it.
     new = TrainState(state.step + 1, params, opt_state)
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-    metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), tokens=tokens, finite=finite)
+    metrics = dict(
+      loss=loss, grad_norm=grad_norm, param_norm=param_norm, lr=schedule(state.step), tokens=tokens, finite=finite
+    )
     return new, metrics
 
   return train_step
@@ -276,11 +282,92 @@ def split_for_training(
   return graphdef, cast_floats(params, "float32"), cast_floats(frozen, c.precision.frozen)
 
 
-class Trainer:
-  """Builds everything a run needs from its config; `run()` trains and writes `output_dir/model`."""
+RUN_CONFIG = "config.json"
+# What a run's settings may be: checked when it starts, each named.
+DTYPES = ("float32", "bfloat16", "float16")
 
-  def __init__(self, config: ml_collections.ConfigDict):
+
+def check_config(c: ml_collections.ConfigDict) -> None:
+  """Refuses settings a run cannot use, naming the setting and what it takes."""
+  problems = []
+
+  def need(ok: bool, setting: str, expected: str) -> None:
+    if not ok:
+      problems.append(f"{setting} is {_get(c, setting)!r}; expected {expected}")
+
+  for setting in ("optim.batch_size", "optim.micro_batch_size", "data.cutoff_len", "data.pad_to_multiple_of",
+                  "log_every", "checkpoint_every", "keep_checkpoints"):
+    need(isinstance(_get(c, setting), int) and _get(c, setting) >= 1, setting, "a whole number ≥ 1")
+  need(isinstance(c.optim.epochs, (int, float)) and c.optim.epochs > 0, "optim.epochs", "a number > 0")
+  need(isinstance(c.optim.lr, (int, float)) and c.optim.lr >= 0, "optim.lr", "a number ≥ 0")
+  need(isinstance(c.optim.warmup_steps, int) and c.optim.warmup_steps >= 0, "optim.warmup_steps", "a whole number ≥ 0")
+  for setting in ("precision.compute", "precision.frozen"):
+    need(_get(c, setting) in DTYPES, setting, f"one of {DTYPES}")
+  need(c.data.padding_side in ("left", "right"), "data.padding_side", "'left' or 'right'")
+  need(c.audio.max_windows is None or c.audio.max_windows >= 1, "audio.max_windows", "None or a whole number ≥ 1")
+  need(isinstance(c.lora.rank, int) and c.lora.rank >= 1, "lora.rank", "a whole number ≥ 1")
+  need(0 <= c.lora.dropout < 1, "lora.dropout", "a number in [0, 1)")
+  for axis in ("data", "fsdp", "tensor"):
+    need(isinstance(c.mesh[axis], int) and (c.mesh[axis] >= 1 or c.mesh[axis] == -1), f"mesh.{axis}", "≥ 1, or -1 (the rest)")
+  for setting in ("model", "data.train", "output_dir"):
+    need(bool(_get(c, setting)), setting, "a path")
+  if problems:
+    raise ValueError(f"config {c.name or '(unnamed)'}: " + "; ".join(problems))
+
+
+def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
+  for part in dotted.split("."):
+    c = c[part]
+  return c
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+  return {prefix[:-1]: tree}
+
+
+def changed_settings(c: ml_collections.ConfigDict, resume: bool) -> list[str]:
+  """The settings that differ from those of the run already in `output_dir` ("key: old → new"); empty for
+  a new run. Continuing a run under other settings needs `resume` (`--resume`): otherwise it is refused."""
+  saved_path = os.path.join(c.output_dir, RUN_CONFIG)
+  checkpoints = os.path.join(c.output_dir, "checkpoints")
+  started = os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))
+  if not started or not os.path.isfile(saved_path):
+    return []
+  with open(saved_path) as f:
+    saved = _flat(json.load(f))
+  now = _flat(json.loads(c.to_json_best_effort()))
+  changed = [f"{key}: {saved.get(key)!r} → {now.get(key)!r}" for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
+  if changed and not resume:
+    raise ValueError(
+      f"{c.output_dir} holds a run with other settings ({'; '.join(changed)}); nothing was changed. Run it with "
+      "its own settings to resume it, add --resume to continue it with these, or choose a new output_dir"
+    )
+  return changed
+
+
+def keep_config(c: ml_collections.ConfigDict, changed: list[str]) -> None:
+  """Writes the run's `config.json`; a resumed run's earlier settings are kept beside as `config.N.json`."""
+  path = os.path.join(c.output_dir, RUN_CONFIG)
+  if changed:
+    earlier = len([name for name in os.listdir(c.output_dir) if re.fullmatch(r"config\.\d+\.json", name)])
+    os.replace(path, os.path.join(c.output_dir, f"config.{earlier}.json"))
+    print(f"resuming {c.output_dir} with changed settings: {'; '.join(changed)}", file=sys.stderr)
+  with open(path, "w") as f:
+    f.write(c.to_json_best_effort(indent=2))
+
+
+class Trainer:
+  """Builds everything a run needs from its config; `run()` trains and writes `output_dir/model`.
+
+  A run in an `output_dir` that holds checkpoints resumes it, under the same settings or, with `resume`,
+  under changed ones (they are printed and the earlier config kept)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, resume: bool = False):
     self.config = c = config
+    check_config(c)
+    self.changed = changed_settings(c, resume)
     self.kind = model_folder.require(c.model, "train", kinds.AUDIO_LLM)
     self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     self.loaded = model_folder.load(
@@ -370,8 +457,8 @@ class Trainer:
     """Trains to the last step and writes the trained model folder; returns its path."""
     c = self.config
     os.makedirs(c.output_dir, exist_ok=True)
-    with open(os.path.join(c.output_dir, "config.json"), "w") as f:
-      f.write(c.to_json_best_effort(indent=2))
+    if jax.process_index() == 0:
+      keep_config(c, self.changed)
     start = self.restore()
     log = metrics_writers(c.output_dir)
     from tqdm import tqdm
@@ -386,7 +473,8 @@ class Trainer:
         if not bool(metrics["finite"]):
           latest = self.checkpoints.latest_step()
           raise FloatingPointError(
-            f"step {step}: loss is {float(metrics['loss'])} (grad norm {float(metrics['grad_norm'])}); training stopped. "
+            f"step {step}: loss is {float(metrics['loss'])}, grad norm {float(metrics['grad_norm'])}, updated "
+            f"parameters' norm {float(metrics['param_norm'])}: not finite; training stopped, the step is not saved. "
             f"The last good checkpoint is step {latest} in {self.checkpoints.directory}"
           )
         self.save(step + 1)
@@ -461,6 +549,10 @@ def parser() -> argparse.ArgumentParser:
   parser.add_argument("--coordinator", help="host:port of process 0, for multi-process runs (jax.distributed)")
   parser.add_argument("--num-processes", type=int, default=1)
   parser.add_argument("--process-id", type=int, default=0)
+  parser.add_argument(
+    "--resume", action="store_true",
+    help="continue the run in output_dir under changed settings (they are printed; the earlier config is kept)",
+  )
   return parser
 
 
@@ -470,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes; accelerators use their own
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   config = load_config(args.config, args.set)
-  print(f"trained model: {Trainer(config).run()}", file=sys.stderr)
+  print(f"trained model: {Trainer(config, resume=args.resume).run()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

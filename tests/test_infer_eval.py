@@ -236,6 +236,26 @@ def test_eval_names_a_clip_without_features_or_audio(loaded, parts, tmp_path):
     ltu_eval.evaluate(loaded, path, parts["features"], progress=False)
 
 
+def test_eval_skip_bad_leaves_out_bad_records_and_clips_and_lists_them(loaded, parts, test_records, tmp_path, capsys):
+  path, records = test_records
+  corrupt = tmp_path / "corrupt.wav"
+  corrupt.write_bytes(b"RIFF not really a wave file")
+  bad_clip = {**records[0], "audio_id": str(corrupt)}  # no cached feature: its audio is read, and fails
+  missing = {**records[0], "audio_id": "/nowhere/clip.wav"}
+  rows = [records[0], {"instruction": "no output"}, bad_clip, records[1], missing]
+  data_file = tmp_path / "mixed.json"
+  data_file.write_text(json.dumps(rows))
+  with pytest.raises(ValueError, match="record 1: field 'input' is missing"):
+    ltu_eval.evaluate(loaded, data_file, parts["features"], sampling=GREEDY, progress=False)
+  out = tmp_path / "preds.jsonl"
+  scores = ltu_eval.evaluate(loaded, data_file, parts["features"], out=out, sampling=GREEDY, progress=False, skip_bad=True)
+  assert sum(s.n for s in scores.values()) == 2
+  assert [json.loads(line)["audio_id"] for line in open(out)] == [records[0]["audio_id"], records[1]["audio_id"]]
+  err = capsys.readouterr().err
+  assert "left out 1 bad records" in err and "questions about 2 clips" in err
+  assert f"  {corrupt}: cannot compute features of audio {corrupt}" in err and "  /nowhere/clip.wav: audio file" in err
+
+
 # ---------------------------------------------------------------------------------------------------
 # infer
 
@@ -289,6 +309,13 @@ def test_cli_answers_and_reports_bad_files(parts, loaded, wavs, tmp_path, capsys
   expected = infer.answer(loaded, wavs, QUESTION, sampling=GREEDY)
   assert [lines[0]["answer"], lines[2]["answer"]] == expected
   assert all(isinstance(line["transcript"], str) and line["question"] == QUESTION for line in (lines[0], lines[2]))
+  # the text mode: one line per file, each naming it, the failed one in its place
+  assert infer.main([a for a in argv if a != "--jsonl"]) == 1
+  captured = capsys.readouterr()
+  text = captured.out.splitlines()
+  assert text[0] == f"{wavs[0]}\t{' '.join(expected[0].splitlines())}" and text[2].startswith(f"{wavs[1]}\t")
+  assert text[1].startswith(f"{missing}\terror: audio file not found: {missing}")
+  assert "1 of 3 files failed" in captured.err
 
 
 def test_bad_audio_is_named(loaded, tmp_path):

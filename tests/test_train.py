@@ -191,7 +191,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(parts, tmp_path, monk
     np.savez_compressed(poisoned / name, np.full((2, 25, 16), np.nan, np.float16))
   config = train.load_config("tiny_stage3", train_setup.overrides(parts, out, **{"optim.max_steps": 4, "data.features": str(poisoned)}))
   with pytest.raises(FloatingPointError, match=r"step 2: loss is nan.*last good checkpoint is step 2"):
-    train.Trainer(config).run()
+    train.Trainer(config, resume=True).run()
   assert sorted(int(d) for d in os.listdir(os.path.join(out, "checkpoints")) if d.isdigit())[-1] == 2
 
 
@@ -275,3 +275,41 @@ def test_adapters_are_added_at_the_configured_rank_and_a_model_in_its_own_output
   again = train.Trainer(train.load_config("tiny_stage3", train_setup.overrides(parts, str(own), model=str(own / "model"), **more))).run()
   assert again == str(own / "model") and sorted(os.listdir(own)) == ["checkpoints", "config.json", "metrics.jsonl", "model", "tensorboard"]
   assert ltu_jax.load(again, tokenizer=False).config.llm.lora.rank == 4
+
+
+def test_a_step_that_blows_up_the_parameters_is_not_saved(parts, tmp_path):
+  # At lr 1e30 the loss and the clipped gradient of step 0 are finite; the updated parameters are not.
+  out = str(tmp_path / "run")
+  config = train.load_config("tiny_stage3", train_setup.overrides(parts, out, **{"optim.max_steps": 3, "optim.lr": 1e30, "optim.warmup_steps": 0}))
+  with pytest.raises(FloatingPointError, match=r"step 0: loss is [0-9.]+, grad norm [0-9.]+, updated parameters' norm inf: not finite"):
+    train.Trainer(config).run()
+  assert not os.path.exists(os.path.join(out, "model"))
+  assert not [d for d in os.listdir(os.path.join(out, "checkpoints")) if d.isdigit()]
+
+
+def test_a_run_is_resumed_only_under_its_own_settings(parts, tmp_path):
+  out = str(tmp_path / "run")
+  train.Trainer(train.load_config("tiny_stage3", train_setup.overrides(parts, out, **{"optim.max_steps": 1}))).run()
+  with open(os.path.join(out, "config.json")) as f:
+    before = f.read()
+  changed = train.load_config("tiny_stage3", train_setup.overrides(parts, out, **{"optim.max_steps": 2, "optim.lr": 0.5}))
+  with pytest.raises(ValueError, match=r"holds a run with other settings \(optim.lr: 0.01 → 0.5; optim.max_steps: 1 → 2\); nothing was changed"):
+    train.Trainer(changed)
+  with open(os.path.join(out, "config.json")) as f:
+    assert f.read() == before
+  train.Trainer(changed, resume=True).run()
+  with open(os.path.join(out, "config.0.json")) as f:
+    assert f.read() == before
+  assert json.load(open(os.path.join(out, "config.json")))["optim"]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("setting, value, message", [
+  ("optim.micro_batch_size", 0, r"optim.micro_batch_size is 0; expected a whole number ≥ 1"),
+  ("precision.compute", "float7", r"precision.compute is 'float7'; expected one of \('float32', 'bfloat16', 'float16'\)"),
+  ("lora.rank", 0, r"lora.rank is 0; expected a whole number ≥ 1"),
+])
+def test_bad_settings_are_named_when_the_run_starts(parts, tmp_path, setting, value, message):
+  config = train.load_config("tiny_stage3", train_setup.overrides(parts, str(tmp_path / "run"), **{setting: value}))
+  with pytest.raises(ValueError, match=message):
+    train.Trainer(config)
+  assert not os.path.exists(tmp_path / "run")

@@ -279,8 +279,13 @@ def test_cli_jsonl_keeps_order_and_reports_bad_files(converted, loaded, speech, 
   assert records[2:] == [{"audio": speech[0], "text": text[0]}, {"audio": speech[2], "text": text[2]}]
   assert f"cannot decode audio file {broken}" in err
 
-  assert transcribe.main(["--model", converted, speech[3]]) == 0
-  assert capsys.readouterr().out == text[3] + "\n"
+  # the text mode names each file, a failed one too, so no answer moves onto another file's line
+  assert transcribe.main(["--model", converted, speech[3], str(broken), speech[0]]) == 1
+  out, err = capsys.readouterr()
+  lines = out.splitlines()
+  assert lines[0] == f"{speech[3]}\t{text[3]}" and lines[2] == f"{speech[0]}\t{text[0]}"
+  assert lines[1].startswith(f"{broken}\terror: cannot decode audio file {broken}")
+  assert err.endswith("1 of 3 files failed (their lines say why)\n")
 
 
 def save_hf_folder(model, folder, ct2_folder, layout: str) -> None:
