@@ -140,8 +140,8 @@ def window_bounds(
 
   As in transformers' pipeline, window k + 1 starts `window - 2 * stride` samples after window k, but each cut
   moves to the quietest point up to `search` samples before it: a window that starts or ends inside a word
-  makes Whisper drop or invent words there, and tiny.en often drops the whole sentence that was cut (hard
-  cuts tripled its word error rate on `bench/long_form_wer.py`'s recording).
+  makes Whisper drop or invent words there, and tiny.en often drops the whole sentence that was cut (on
+  `bench/long_form_wer.py`'s recording, hard cuts lost several sentences: 43% word errors, against 8%).
   """
   bounds, start = [], 0
   while start + window < len(waveform):
