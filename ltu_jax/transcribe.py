@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ltu_jax import audio, generate, kinds, model_folder
+from ltu_jax import audio, frontend, generate, kinds, model_folder
 
 MULTILINGUAL_VOCAB = 51865
 # transformers' pipeline default: a stride of chunk_length_s / 6 on each side of a window.

@@ -101,7 +101,10 @@ def test_long_and_short_recordings_transcribe_whole(tiny_en, tiny_en_folder, sen
   assert len(transcribe.window_bounds(waveforms[LONG_SENTENCES])) > 2
   assert len(transcribe.window_bounds(waveforms[SHORT_SENTENCES])) == 1
   assert transcribe.main(["--model", tiny_en_folder, "--batch-size", "2", *map(str, paths.values())]) == 0
-  for (count, reference), text in zip(texts.items(), capsys.readouterr().out.splitlines(), strict=True):
+  lines = capsys.readouterr().out.splitlines()
+  for (count, reference), path, line in zip(texts.items(), paths.values(), lines, strict=True):
+    named, text = line.split("\t")
+    assert named == str(path)
     found = sentences_found(text, [text for _, _, text in LONG_SPEECH[:count]])
     assert min(found) >= SENTENCE_FOUND, (count, found, text)
     # Nothing repeated: the transcript is not much longer than what was said.
