@@ -376,3 +376,20 @@ def test_bfloat16_answers_from_the_same_folder(parts, wavs):
   assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
   logits, _ = bf16.model(None, np.ones((1, 3), np.int32))
   assert logits.dtype == np.float32
+
+
+def test_a_long_clip_fills_its_windows_and_audio_beyond_them_is_named(loaded, tmp_path, caplog):
+  rng = np.random.default_rng(1)
+  path = str(tmp_path / "long.wav")
+  sf.write(path, 0.1 * rng.normal(size=25 * audio.SAMPLE_RATE), audio.SAMPLE_RATE)
+  waveform = audio.load_audio(path)
+  tokens = loaded.config.audio_tokens
+  one = infer.hear(loaded, [waveform], "audio_only", names=[path])  # the folder's 1 window: 15 s dropped
+  assert one.features.shape[2] == tokens and f"{path}: 15.0 s of audio beyond 1 window(s) of 10 s" in caplog.text
+  three = infer.hear(loaded, [waveform], "audio_only", names=[path], max_windows=3)
+  assert three.features.shape[2] == 3 * tokens and three.audio_mask.tolist() == [[1] * 3 * tokens]
+  np.testing.assert_array_equal(three.features[:, :, :tokens], one.features)  # the same first window
+  four = infer.hear(loaded, [waveform], "audio_only", max_windows=4)  # 3 filled, the 4th masked
+  assert four.audio_mask.tolist() == [[1] * 3 * tokens + [0] * tokens]
+  answers = [infer.respond(loaded, [QUESTION], None, h.audio, mode="audio_only", sampling=GREEDY) for h in (three, four)]
+  assert answers[0] == answers[1]
