@@ -129,9 +129,10 @@ def attention(
   kv_len, kv_heads = key.shape[1:3]
   group = heads // kv_heads
   scale = head_dim**-0.5
-  # [batch, kv_heads, group, q_len, head_dim]; keys and values [batch, kv_heads, kv_len, head_dim].
+  # [batch, kv_heads, group, q_len, head_dim], keys [batch, kv_heads, head_dim, kv_len] (the layout the
+  # matmul reads, transposed once rather than once per block), values [batch, kv_heads, kv_len, head_dim].
   query = query.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
-  key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+  key, value = key.transpose(0, 2, 3, 1), value.transpose(0, 2, 1, 3)
   if mask is not None:
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     # [batch or 1, kv_heads or 1, group or 1, q_len or 1, kv_len or 1]
@@ -139,13 +140,28 @@ def attention(
 
   def attend(query: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Queries `[batch, kv_heads, group, rows, head_dim]` → `[batch, kv_heads, group, rows, head_dim]`."""
-    logits = jnp.einsum("bkgtd,bksd->bkgts", query, key, preferred_element_type=jnp.float32) * scale
+    rows = query.shape[3]
+    # Three dimensions, none of size 1: degenerate dimensions led XLA to copy the logits between layouts.
+    logits = jnp.einsum(
+      "ntd,nds->nts",
+      query.reshape(batch * kv_heads, group * rows, head_dim),
+      key.reshape(batch * kv_heads, head_dim, kv_len),
+      preferred_element_type=jnp.float32,
+    )
     if mask is not None:
+      mask = jnp.broadcast_to(mask, (batch, kv_heads, group, rows, kv_len)).reshape(logits.shape)
       logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
-    # Normalise after the second matmul: one pass fewer over the [rows, kv_len] probabilities.
-    weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
-    out = jnp.einsum("bkgts,bksd->bkgtd", weights.astype(value.dtype), value, preferred_element_type=jnp.float32)
-    return (out / weights.sum(axis=-1, keepdims=True)).astype(value.dtype)
+    # softmax(scale * logits) with the scale on the exponent's pass (max commutes with scale > 0), not a
+    # pass of its own; normalised after the second matmul, on [rows, head_dim] rather than [rows, kv_len].
+    weights = jnp.exp((logits - logits.max(axis=-1, keepdims=True)) * scale)
+    out = jnp.einsum(
+      "nts,nsd->ntd",
+      weights.astype(value.dtype),
+      value.reshape(batch * kv_heads, kv_len, head_dim),
+      preferred_element_type=jnp.float32,
+    )
+    out = (out / weights.sum(axis=-1, keepdims=True)).astype(value.dtype)
+    return out.reshape(query.shape)
 
   rows = max(1, ATTENTION_BLOCK_BYTES // (4 * batch * heads * kv_len))
   if q_len <= rows:
