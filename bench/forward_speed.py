@@ -1,6 +1,8 @@
-"""Forward-pass speed on CPU: our jitted models against the PyTorch references, on the same weights.
+"""LLM forward-pass speed on CPU: our jitted model against the PyTorch reference, on the same weights.
 
-    .venv/bin/python bench/forward_speed.py [--whisper tiny] [--llm smollm2-135m] [--repeats 5]
+    .venv/bin/python bench/forward_speed.py [--llm smollm2-135m] [--tokens 256] [--repeats 5]
+
+(The Whisper encoder has its own, `bench/encoder_speed.py`.)
 
 Prints, per workload, our compile time, our and PyTorch's median time per forward, and the ratio
 PyTorch / ours (above 1: we are faster). Weights are random (speed does not depend on their values)
@@ -25,16 +27,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from conversion import hf_llama, hf_whisper  # noqa: E402
+from conversion import hf_llama  # noqa: E402
 from tests.helpers import numpy_state_dict  # noqa: E402
 
-WHISPER_SIZES = {  # OpenAI's encoder sizes: d_model, layers, heads
-  "tiny": (384, 4, 6),
-  "base": (512, 6, 8),
-  "small": (768, 12, 12),
-  "medium": (1024, 24, 16),
-  "large-v1": (1280, 32, 20),
-}
 LLM_SIZES = {
   "smollm2-135m": dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -60,32 +55,6 @@ def timed(fn, repeats: int) -> tuple[float, float]:
   return first, statistics.median(times)
 
 
-def whisper_rows(size: str, repeats: int):
-  d, layers, heads = WHISPER_SIZES[size]
-  config = transformers.WhisperConfig(
-    d_model=d, encoder_layers=layers, encoder_attention_heads=heads, encoder_ffn_dim=4 * d,
-    decoder_layers=1, decoder_attention_heads=heads, decoder_ffn_dim=4 * d, num_mel_bins=80,
-  )
-  reference = transformers.WhisperModel(config).eval()
-  graphdef, state = nnx.split(hf_whisper.from_torch(reference).encoder)
-  encoder = jax.jit(lambda state, mel: nnx.merge(graphdef, state)(mel))
-  for seconds in (10, 30):
-    frames = seconds * 100
-    mel = np.random.default_rng(0).normal(size=(1, 80, frames)).astype(np.float32)
-    # HF's encoder only takes the full 30 s; for 10 s give it a position table of the first 500 rows.
-    torch_encoder = reference.encoder
-    if frames != 3000:
-      short = transformers.WhisperModel(transformers.WhisperConfig(**{**config.to_dict(), "max_source_positions": frames // 2}))
-      state = {k: v[: frames // 2] if k.endswith("embed_positions.weight") else v for k, v in reference.state_dict().items()}
-      short.load_state_dict(state)
-      torch_encoder = short.eval().encoder
-    compile_s, ours_s = timed(lambda: jax.block_until_ready(encoder(state, mel)), repeats)
-    with torch.no_grad():
-      mel_t = torch.from_numpy(mel)
-      _, torch_s = timed(lambda: torch_encoder(mel_t, output_hidden_states=True), repeats)
-    yield f"whisper-{size} encoder, {seconds} s", compile_s, ours_s, torch_s
-
-
 def llm_rows(size: str, tokens: int, repeats: int):
   config = transformers.LlamaConfig(**LLM_SIZES[size], attn_implementation="sdpa")
   reference = transformers.LlamaForCausalLM(config).eval()
@@ -101,14 +70,13 @@ def llm_rows(size: str, tokens: int, repeats: int):
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--whisper", default="tiny", choices=sorted(WHISPER_SIZES))
   parser.add_argument("--llm", default="smollm2-135m", choices=sorted(LLM_SIZES))
   parser.add_argument("--tokens", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} with {torch.get_num_threads()} threads, fp32")
   print(f"{'workload':42s} {'compile s':>10s} {'ours s':>9s} {'torch s':>9s} {'torch/ours':>11s}")
-  rows = [*whisper_rows(args.whisper, args.repeats), *llm_rows(args.llm, args.tokens, args.repeats)]
+  rows = llm_rows(args.llm, args.tokens, args.repeats)
   for name, compile_s, ours_s, torch_s in rows:
     print(f"{name:42s} {compile_s:10.2f} {ours_s:9.3f} {torch_s:9.3f} {torch_s / ours_s:11.2f}")
 
