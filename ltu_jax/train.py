@@ -78,8 +78,12 @@ def parse_value(text: str) -> Any:
 
 
 def path_name(path: tuple[Any, ...]) -> str:
-  """A parameter's path as the kinds' group expressions read it: "llm/layers/self_attn/q_proj/lora_a"."""
-  return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
+  """A parameter's path as the kinds' group expressions read it: "llm/layers/self_attn/q_proj/lora_a" (an
+  nnx graph path, or a pytree path into an `nnx.State`, less its variables' trailing `.value`)."""
+  names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
+    names.pop()
+  return "/".join(names)
 
 
 def group_names(kind: kinds.Kind, names: Any, setting: str) -> tuple[str, ...]:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import pathlib
 import re
 
+import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from ltu_jax import kinds, train
+from ltu_jax.models.llama import Llama, LlamaConfig
+from ltu_jax.models.lora import LoRAConfig, LoRAParam
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Comparing a kind's name to a literal is the registry's business alone.
@@ -62,3 +67,14 @@ def _with_scale(group: str):
   c.unlock()
   c.optim.lr_scale[group] = 0.5
   return c
+
+
+def test_group_scales_reach_the_parameters_of_an_nnx_state():
+  # The optimizer sees an nnx.State, whose leaves' paths end in the variables' `.value`.
+  config = LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=12, num_layers=2, num_heads=2, num_kv_heads=1,
+                       lora=LoRAConfig(rank=2))
+  _, params, _ = nnx.split(Llama(config, rngs=nnx.Rngs(0)), LoRAParam, ...)
+  tx = train.scale_by_group(kinds.get("llama"), {"lora": 0.25})
+  scaled, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params))
+  leaves = jax.tree.leaves(scaled)
+  assert len(leaves) == 4 and all(bool(jnp.all(leaf == 0.25)) for leaf in leaves)
