@@ -11,16 +11,15 @@ import dataclasses
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
+from timing import spread, timed  # noqa: E402,F401  (the bench scripts use them as common.*)
 
 from tests.helpers import whisper_tiny_en_ct2  # noqa: E402
 
@@ -28,19 +27,6 @@ CACHE = os.path.join(ROOT, "cache", "bench")  # git-ignored; converted weights a
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
-  """Seconds of each of `repeats` calls of `fn` (already warmed up by the caller)."""
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return times
-
-
-def spread(values: Sequence[float], digits: int = 3) -> str:
-  """"median (min–max)" of `values`."""
-  return f"{statistics.median(values):.{digits}g} ({min(values):.{digits}g}–{max(values):.{digits}g})"
 
 
 def in_child(script: str, framework: str, args: Sequence[str]) -> dict[str, Any]:

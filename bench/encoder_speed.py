@@ -22,9 +22,10 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402
 SIZES = {  # OpenAI's encoder sizes: d_model, layers, heads
   "tiny": (384, 4, 6),
   "base": (512, 6, 8),
@@ -51,13 +52,7 @@ def encoder_flops(size: str, seconds: int) -> float:
 
 def timed(fn, repeats: int) -> list[float]:
   """Seconds of each of `repeats` calls, after one untimed call (compilation, first-touch of memory)."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return times
+  return timing.timed(fn, repeats, warm_up=True)
 
 
 def jax_worker(sizes: list[str], seconds: list[int], repeats: int) -> dict:
