@@ -479,7 +479,8 @@ class Trainer:
           raise FloatingPointError(
             f"step {step}: loss is {float(metrics['loss'])}, grad norm {float(metrics['grad_norm'])}, updated "
             f"parameters' norm {float(metrics['param_norm'])}: not finite; training stopped, the step is not saved. "
-            f"The last good checkpoint is step {latest} in {self.checkpoints.directory}"
+            + (f"The last good checkpoint is step {latest} in {self.checkpoints.directory}" if latest is not None
+               else f"No checkpoint was saved before it ({self.checkpoints.directory})")
           )
         self.save(step + 1)
         bar.update(1)
