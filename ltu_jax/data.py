@@ -16,13 +16,13 @@ uninterrupted one would have.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import sys
+import threading
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -39,8 +39,10 @@ REQUIRED_FIELDS = ("instruction", "input", "output", "audio_id")
 MEGA_BATCHES = 50
 # records tokenized per tokenizer call: the fast tokenizer works on a list in parallel
 TOKENIZE_CHUNK = 4096
-# cached feature files read at once when checking a data file (npz decompression releases the GIL)
-CHECK_THREADS = 8
+# numpy parses each .npy header with `ast.literal_eval`, and CPython 3.11's parser is not thread-safe
+# ("SystemError: AST constructor recursion depth mismatch" when threads parse at once, seen in CI): feature
+# files are read one at a time, also by the loader's threads.
+_READ_LOCK = threading.Lock()
 
 
 class DataError(ValueError):
@@ -75,8 +77,7 @@ def read_records(
   if features is not None:
     audio_ids = list(dict.fromkeys(record["audio_id"] for _, record, problem in parsed if problem is None))
     features.claim(audio_ids)  # all before any check, so a file that two clips would share fails both
-    with concurrent.futures.ThreadPoolExecutor(CHECK_THREADS) as pool:
-      audio_problems = dict(zip(audio_ids, pool.map(features.problem, audio_ids)))
+    audio_problems = {audio_id: features.problem(audio_id) for audio_id in audio_ids}
   records, skipped = [], 0
   for where, record, problem in parsed:
     if problem is None and audio_problems.get(record["audio_id"]) is not None:
@@ -342,7 +343,7 @@ class FeatureStore:
 
 def _read_feature(path: str) -> np.ndarray:
   try:
-    with np.load(path) as stored:
+    with _READ_LOCK, np.load(path) as stored:
       return stored["arr_0"]
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
     raise DataError(f"feature file {path} cannot be read: {error!r}") from error
@@ -591,7 +592,8 @@ def make_loader(
     features: where the clips' Whisper features come from.
     workers: grain worker processes (spawned: each re-imports JAX and unpickles the data; on 2 cores
       they are slower than none). The saved state's form depends on it: resume with the same count.
-    threads: threads per process loading batches concurrently (npz decompression releases the GIL).
+    threads: threads per process loading batches concurrently (feature files are read one at a time, see
+      `_READ_LOCK`; collation overlaps).
     prefetch: batches buffered per process; each holds B full feature tensors, so keep it small.
     process_index, process_count: this process's place; default JAX's.
     options: the fields of `BatchOptions` (batch_size, cutoff_len, bos_id, eos_id, ...).
