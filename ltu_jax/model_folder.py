@@ -218,17 +218,22 @@ def load(
   return Loaded(manifest["kind"], config, nnx.merge(graphdef, abstract), text, manifest["extra"], folder)
 
 
-def _with_lora(config: Any, lora: LoRAConfig) -> Any:
-  """`config` with `lora` on every LLM inside it that has no adapters yet."""
+def map_lora(config: Any, change: Callable[[LoRAConfig | None], LoRAConfig | None]) -> Any:
+  """`config` with `change` applied to the adapters setting (`lora`, None without adapters) of every LLM
+  inside it."""
   changes = {}
   for field in dataclasses.fields(config):
     value = getattr(config, field.name)
     if field.name == "lora":
-      if value is None:
-        changes["lora"] = lora
+      changes["lora"] = change(value)
     elif dataclasses.is_dataclass(value):
-      changes[field.name] = _with_lora(value, lora)
+      changes[field.name] = map_lora(value, change)
   return dataclasses.replace(config, **changes)
+
+
+def _with_lora(config: Any, lora: LoRAConfig) -> Any:
+  """`config` with `lora` on every LLM inside it that has no adapters yet."""
+  return map_lora(config, lambda own: lora if own is None else own)
 
 
 def _without(tree: dict, remove: dict) -> dict:
@@ -248,6 +253,11 @@ def _merged(tree: dict, more: dict) -> dict:
   for k, v in more.items():
     out[k] = _merged(out.get(k, {}), v) if isinstance(v, dict) else v
   return out
+
+
+def cast_to(dtype: str | None) -> dict[str, str]:
+  """`load` options that store and compute a model in `dtype` ("bfloat16" on accelerators); none for None."""
+  return {} if dtype is None else {"param_dtype": dtype, "dtype": dtype}
 
 
 def _with_overrides(config: Any, overrides: dict[str, Any]) -> Any:

@@ -171,16 +171,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 def training_config(config: Any, c: ml_collections.ConfigDict) -> Any:
   """The model config as the run trains it: its adapters with the run's dropout (the folder keeps the rest)
   and, when `audio.max_windows` is set, that many windows a clip."""
-  changes = {}
+  config = model_folder.map_lora(config, lambda lora: lora and dataclasses.replace(lora, dropout=c.lora.dropout))
   if c.audio.max_windows is not None:
-    changes["max_windows"] = c.audio.max_windows
-  for field in dataclasses.fields(config):
-    value = getattr(config, field.name)
-    if field.name == "lora" and value is not None:
-      changes["lora"] = dataclasses.replace(value, dropout=c.lora.dropout)
-    elif dataclasses.is_dataclass(value) and field.name != "lora":
-      changes[field.name] = training_config(value, c)
-  return dataclasses.replace(config, **{k: v for k, v in changes.items() if hasattr(config, k)})
+    config = dataclasses.replace(config, max_windows=c.audio.max_windows)
+  return config
 
 
 def lora_config(c: ml_collections.ConfigDict) -> LoRAConfig:
@@ -371,8 +365,8 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, resume: bool = False):
     self.config = c = config
     check_config(c)
-    self.changed = changed_settings(c, resume)
     self.kind = model_folder.require(c.model, "train", kinds.AUDIO_LLM)
+    self.changed = changed_settings(c, resume)
     self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     self.loaded = model_folder.load(
       c.model, dtype=c.precision.compute, remat=c.precision.remat, lora=lora_config(c), seed=c.seed,
