@@ -92,8 +92,7 @@ def whisper_folder(loaded: Loaded) -> str:
 @functools.lru_cache(maxsize=2)  # a large-v1 is 1.5 B parameters: not reloaded for every batch
 def load_whisper(folder: str, dtype: str | None = None) -> Loaded:
   """A Whisper folder, loaded once per process (and compute dtype: `dtype` casts weights and compute)."""
-  options = {} if dtype is None else {"param_dtype": dtype, "dtype": dtype}
-  return model_folder.load(folder, **options)
+  return model_folder.load(folder, **model_folder.cast_to(dtype))
 
 
 @functools.lru_cache(maxsize=4)

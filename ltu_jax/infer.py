@@ -47,9 +47,7 @@ def load_model(folder: str | os.PathLike, command: str = "infer", dtype: str | N
   """An audio-language model folder, its kind checked before any weight is read; `dtype` ("bfloat16")
   casts the weights and the compute."""
   model_folder.require(folder, command, kinds.AUDIO_LLM)
-  if dtype is not None:
-    options.update(param_dtype=dtype, dtype=dtype)
-  return require_audio_llm(model_folder.load(folder, **options), command)
+  return require_audio_llm(model_folder.load(folder, **options, **model_folder.cast_to(dtype)), command)
 
 
 def require_audio_llm(loaded: Loaded, command: str = "infer") -> Loaded:

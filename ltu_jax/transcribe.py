@@ -201,8 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_folder.require(args.model, "transcribe", kinds.TRANSCRIBES)
   except (FileNotFoundError, ValueError) as error:
     cli.error(str(error))
-  options = {} if args.dtype is None else {"param_dtype": args.dtype, "dtype": args.dtype}
-  loaded = model_folder.load(args.model, **options)
+  loaded = model_folder.load(args.model, **model_folder.cast_to(args.dtype))
 
   def respond(waveforms: dict[int, np.ndarray], batch: int) -> dict[int, tuple[dict, str]]:
     texts = transcribe_batch(loaded, list(waveforms.values()), args.batch_size)

@@ -335,7 +335,7 @@ def test_other_folders_are_refused(parts, wavs, tmp_path, capsys):
   with pytest.raises(ValueError, match="holds an LLM"):
     infer.answer(model_folder.load(parts["llm"]), wavs, QUESTION, sampling=GREEDY)
   with pytest.raises(ValueError, match=r"`train` needs a model with audio; .* holds an LLM"):
-    train.Trainer(train.load_config("tiny_stage1", [f"model={parts['llm']}"]))
+    train.Trainer(train.load_config("tiny_stage1", [f"model={parts['llm']}", f"output_dir={tmp_path / 'run'}"]))
   for folder, message in ((parts["whisper"], "holds a Whisper speech recogniser"), (str(tmp_path), "ltu_jax.json is missing")):
     with pytest.raises(SystemExit) as exit_info:
       infer.main(["--model", folder, wavs[0]])
