@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Idempotent set-up of a fresh machine: Debian packages (espeak-ng, sox for test speech) and the venv at
+# Idempotent set-up of a fresh machine: Debian packages (espeak-ng, sox for test speech; chromium for the demo's
+# browser test, driven by Playwright, which cannot download its own browser here) and the venv at
 # .venv from requirements.txt. Re-installs only when requirements.txt changed. Sourced by the run scripts.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 need_apt=()
-for tool in espeak-ng sox; do
+for tool in espeak-ng sox chromium; do
   command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool")
 done
 if ((${#need_apt[@]})); then
