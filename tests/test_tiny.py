@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from ltu_jax import tiny
+from ltu_jax import kinds, model_folder, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,3 +30,7 @@ def test_smoke_run_goes_end_to_end(tmp_path):
   report = open(tmp_path / "runs/tiny_report.md").read()
   assert "before" in report and "after" in report
   assert report in result.stdout
+  # It ends with the command that opens the web demo on the trained model.
+  trained = os.path.join("runs", "tiny_stage3", "model")
+  assert result.stdout.splitlines()[-1] == f"{sys.executable} -m ltu_jax.demo --model {trained}"
+  model_folder.require(tmp_path / trained, "demo", kinds.AUDIO_LLM)
