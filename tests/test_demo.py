@@ -58,11 +58,21 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def expected(parts, args, clips):
+def loaded(parts):
+  return infer.load_model(parts["ltu_as"])
+
+
+@pytest.fixture(scope="module")
+def sampling(loaded, args):
+  """The server's: the kind's, greedy, NEW_TOKENS at most."""
+  return infer.sampling_from_args(args, loaded)
+
+
+@pytest.fixture(scope="module")
+def expected(loaded, sampling, clips):
   """What `infer` says for each clip with the server's settings: (transcript, answer)."""
-  loaded = infer.load_model(parts["ltu_as"])
   heard = infer.hear(loaded, [audio.load_audio(clip) for clip in clips])
-  answers = infer.answer(loaded, clips, QUESTION, sampling=infer.sampling_from_args(args, loaded))
+  answers = infer.answer(loaded, clips, QUESTION, sampling=sampling)
   return dict(zip(clips, zip(heard.transcripts, answers)))
 
 
@@ -90,8 +100,7 @@ def test_the_answer_streams_token_by_token_and_is_infers(client, clips, expected
     assert list(dict.fromkeys(text for _, text in outputs)) == grown
 
 
-def test_the_advanced_settings_reach_the_model(client, clips, parts):
-  loaded = infer.load_model(parts["ltu_as"])
+def test_the_advanced_settings_reach_the_model(client, loaded, clips):
   sampled = SamplingConfig(max_new_tokens=4, do_sample=True, temperature=1.5, top_k=7, top_p=0.9)
   settings = dict(do_sample=True, temperature=1.5, top_p=0.9, top_k=7, repetition_penalty=1.0, max_new_tokens=4, seed=3)
   transcript, answer = client.predict(handle_file(clips[0]), QUESTION, "audio_only", *settings.values(), api_name="/ask")
@@ -143,25 +152,32 @@ def test_the_cli_refuses_other_folders_and_bad_limits(parts, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_the_longest_clip_is_what_the_model_hears_by_default(parts):
-  loaded = infer.load_model(parts["ltu_as"])
+def test_the_longest_clip_is_what_the_model_hears_by_default(parts, loaded):
   assert loaded.config.max_windows == 1
   for options, seconds in (([], 10), (["--max-windows", "3"], 30), (["--max-seconds", "12.5"], 12.5)):
     args = demo.parser().parse_args(["--model", parts["ltu_as"], *options])
     assert demo.settings_from_args(args, loaded).max_seconds == seconds
 
 
-def test_the_page_in_chromium(server, clips, expected, tmp_path):
+def test_the_page_in_chromium(server, loaded, sampling, clips, expected, tmp_path):
   transcript, answer = expected[clips[0]]
   with demo_browser.opened(server.local_url) as page:
-    demo_browser.ask(page, clips[0], QUESTION)
+    demo_browser.upload(page, clips[0])
+    demo_browser.ask(page, QUESTION)
     assert demo_browser.answered(page, ANSWER_TIMEOUT_S) == answer
     assert page.locator("#transcript textarea").input_value() == transcript
     page.screenshot(path=tmp_path / "demo.png", full_page=True)
+
+    recording = demo_browser.record(page, 2)  # Chromium's fake microphone: a beep
+    assert 1.5 < sf.info(recording).duration < 4
+    demo_browser.ask(page, QUESTION)
+    (heard,) = infer.answer(loaded, [recording], QUESTION, sampling=sampling)
+    expect(page.locator("#answer textarea")).to_have_value(heard, timeout=ANSWER_TIMEOUT_S * 1000)
+
     corrupt = tmp_path / "corrupt.wav"
     corrupt.write_bytes(b"RIFF not really a wave file")
-    page.locator("#clip button[aria-label=Clear]").click()
-    demo_browser.ask(page, str(corrupt), QUESTION)
+    demo_browser.upload(page, str(corrupt))
+    demo_browser.ask(page, QUESTION)
     expect(page.get_by_text("corrupt.wav is not an audio file this demo can read")).to_be_visible()
   with open(tmp_path / "demo.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
