@@ -160,8 +160,9 @@ def stream(
   state, carry = _stream_start(graphdef, params, padded.context, padded.input_ids, padded.attention_mask,
                                padded.active, padded.key, padded.suppress, *rules)
   while True:
-    step, done = int(state.step), np.asarray(state.done)
-    yield Generated(np.asarray(state.tokens[:batch, :step]), np.asarray(state.lengths[:batch]))
+    # Sliced on the host: a device slice per new length would compile a kernel per token.
+    step, done, tokens, lengths = jax.device_get((state.step, state.done, state.tokens, state.lengths))
+    yield Generated(tokens[:batch, :step], lengths[:batch])
     if step == sampling.max_new_tokens or done.all():
       return
     state = _stream_step(graphdef, params, carry, state, padded.key, padded.suppress, *rules)
