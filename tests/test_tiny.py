@@ -32,5 +32,6 @@ def test_smoke_run_goes_end_to_end(tmp_path):
   assert report in result.stdout
   # It ends with the command that opens the web demo on the trained model.
   trained = os.path.join("runs", "tiny_stage3", "model")
-  assert result.stdout.splitlines()[-1] == f"{sys.executable} -m ltu_jax.demo --model {trained}"
+  python, command = result.stdout.splitlines()[-1].split(" -m ", 1)
+  assert os.path.samefile(tmp_path / python, sys.executable) and command == f"ltu_jax.demo --model {trained}"
   model_folder.require(tmp_path / trained, "demo", kinds.AUDIO_LLM)
