@@ -69,7 +69,9 @@ def read_clip(path: str, max_seconds: float) -> np.ndarray:
   try:
     seconds = sf.info(path).duration
   except sf.LibsndfileError as error:
-    raise audio.AudioError(f"{name} is not an audio file this demo can read ({error.error_string}); try wav, flac, ogg or mp3") from error
+    raise audio.AudioError(
+      f"{name} is not an audio file this demo can read ({error.error_string}); try wav, flac, ogg or mp3"
+    ) from error
   if seconds > max_seconds:
     raise audio.AudioError(f"{name} is {seconds:.1f} s long; this demo takes at most {max_seconds:g} s")
   try:
@@ -109,7 +111,7 @@ def build(loaded: Loaded, settings: Settings) -> gr.Blocks:
         max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), temperature=float(temperature),
         top_k=int(top_k), top_p=float(top_p), repetition_penalty=float(repetition_penalty),
       )
-      yield from ask(loaded, settings, clip, question, mode, sampling, int(seed))
+      yield from ask(loaded, settings, clip, question, mode, sampling, int(seed or 0))  # a cleared box: None
     except ValueError as error:  # bad audio or settings: a message on the page, and the server goes on
       raise gr.Error(str(error)) from error
 
@@ -194,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       cli.error(f"--{name.replace('_', '-')} must be positive, got {value:g}")
   try:
     page = serve(args)
-  except (FileNotFoundError, ValueError) as error:
+  except (OSError, ValueError) as error:  # not a model folder, or the port is taken
     cli.error(str(error))
   print(f"LTU-AS demo on {page.local_url} (Ctrl+C stops it)", file=sys.stderr, flush=True)
   page.block_thread()

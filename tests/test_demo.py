@@ -141,11 +141,12 @@ def test_refused_clips_get_a_message_naming_them_and_the_server_goes_on(server, 
   assert client.predict(handle_file(clips[1]), QUESTION, api_name="/ask") == expected[clips[1]]
 
 
-def test_the_cli_refuses_other_folders_and_bad_limits(parts, capsys):
+def test_the_cli_refuses_other_folders_bad_limits_and_a_taken_port(parts, server, capsys):
   for argv, message in (
     (["--model", parts["whisper"]], "`demo` needs a model with audio; "),
     (["--model", parts["ltu_as"], "--max-seconds", "0"], "--max-seconds must be positive, got 0"),
     (["--model", parts["ltu_as"], "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--model", parts["ltu_as"], "--port", str(server.server_port)], f"Cannot find empty port in range: {server.server_port}"),
   ):
     with pytest.raises(SystemExit) as exit_info:
       demo.main(argv)
