@@ -7,6 +7,8 @@ a log-mel, nothing):
   prompt (with the context, e.g. LTU-AS's audio or Whisper's mel) goes in;
 - `decode_step(carry, input_ids [batch, 1], cache)` → (logits `[batch, 1, vocab]`, cache): one token more
   (`carry` is what the prefill computed once, e.g. Whisper's cross-attention keys and values).
+- optionally `for_decoding()` → a model of this protocol that the engine decodes with instead (the LLMs'
+  per-layer layout, `llama.Decoding`: the same parameters, laid out for memory-bound steps).
 
 Prefill and the decode loop are one jitted function (a `while_loop`: one dispatch per batch, no host round
 trip per token, and it stops once every row has ended). Its shapes come from a short fixed list: the batch
@@ -122,6 +124,8 @@ def generate(
   attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
   key = jax.random.key(0) if key is None else key
   vocab_masks = None if suppress is None else tuple(jnp.asarray(m, bool) for m in suppress)
+  # A model may offer a faster form of itself for decoding, built once and kept (the LLM's `for_decoding`).
+  model = model.for_decoding() if hasattr(model, "for_decoding") else model
   batch, limit = len(input_ids), BATCH_BUCKETS[-1]
   chunks = []
   for start in range(0, batch, limit):
