@@ -318,7 +318,8 @@ def merged_kernel(linear: Linear) -> jax.Array:
   kernel = linear.base.kernel[...]
   if linear.lora is None:
     return kernel
-  delta = linear.lora_a[...].astype(jnp.float32) @ linear.lora_b[...].astype(jnp.float32)
+  # Full fp32 whatever the default matmul precision (a GPU's would round the product to bf16 passes).
+  delta = jnp.matmul(linear.lora_a[...].astype(jnp.float32), linear.lora_b[...].astype(jnp.float32), precision="highest")
   return (kernel.astype(jnp.float32) + delta * linear.lora.scale).astype(kernel.dtype)
 
 
