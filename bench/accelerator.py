@@ -7,10 +7,11 @@ no host copy of a 7B model):
   train    LTU-AS 7B stage-3 train step (configs/stage3.py: micro-batch 4 a device, 25 audio + 160 text
            tokens, bf16 compute, frozen LLM bf16, its remat setting) on 1 device and on all local devices:
            samples/s, model FLOPs utilisation, peak memory a device, first step's time (compilation)
-  decode   Vicuna-7B greedy decoding, bf16, batch 1, 8 and 64 (64-token prompts, 64 new tokens): tokens/s, and a
-           step's bytes (weights + the KV cache it reads) over its time as a share of HBM bandwidth; a step's time
-           is the fastest full call less the fastest one-token call, over the steps between (a busy host only
-           adds time, and a difference of medians can come out negative)
+  decode   Vicuna-7B greedy decoding, bf16, batch 1, 8 and 64 (64-token prompts, 64 new tokens): tokens/s, and
+           a step's bytes (the weights but the input embedding table, and the KV cache it reads) over its time
+           as a share of HBM bandwidth; a step's time is the fastest full call less the fastest one-token
+           call, over the steps between (a busy host only adds time; a difference of medians can be negative).
+           The decoding layout (`llama.Decoding`) holds a second copy of the layers' weights (7B: +13 GB).
   encoder  Whisper large-v1's encoder on 30 s clips, bf16, batch 8: clips/s
 Medians over `--repeats` timed calls after the first (compiling) one, with the spread (min–max).
 
@@ -177,6 +178,8 @@ def decode_rows(tiny: bool, repeats: int, hbm: float | None, measured: float) ->
   graphdef, state = on_devices(lambda: Llama(config, rngs=nnx.Rngs(0)), mesh)
   model = nnx.merge(graphdef, state)
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  if not config.tie_word_embeddings:  # a step gathers a row of the input embedding, not the whole table
+    weight_bytes -= config.vocab_size * config.hidden_size * jnp.dtype(config.param_dtype).itemsize
   rows = []
   for batch in DECODE_BATCHES:
     ids = np.random.default_rng(batch).integers(3, config.vocab_size, (batch, prompt)).astype(np.int32)
