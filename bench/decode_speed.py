@@ -8,7 +8,12 @@ prompts. Per batch: tokens/s (new tokens of all rows over the wall time of the w
 the time to the first token (a call that makes one token), as median (min-max) over the repeats, and the first
 call's time (ours: compilation and one decode; excluded from the other figures). A compile time taken as first
 call minus median came out negative on a busy machine, so the first call is printed whole. Each side runs in
-its own process. The last line gives the ratios ours / transformers in tokens/s at batch 1 and 8 (above 1: ours is faster).
+its own process, which first measures what the machine can do (`bounds`: memory bandwidth, matmul peak).
+A decode step's time is (full call - first-token call) / (new tokens - 1), the prefill left out; a step
+reads every weight once, so the bandwidth bound is bandwidth / weight bytes steps/s, and "% bw" is the
+steps/s as a share of it ("% mm": the step's matmul FLOPs, 2 per weight and row, as a share of the matmul
+peak; it grows with the batch). The last line gives the ratios ours / transformers in tokens/s at batch 1
+and 8 (above 1: ours is faster).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bounds  # noqa: E402
 import common  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -47,8 +53,9 @@ def prompts(tokenizer, batch: int) -> list[list[int]]:
 
 
 def jax_decoder(pad_id: int):
-  """(tokenizer, decode(prompts, new_tokens) -> `[batch, new_tokens]` ids) on our engine."""
+  """(tokenizer, decode(prompts, new_tokens) -> `[batch, new_tokens]` ids, number of weights) on our engine."""
   import jax
+  from flax import nnx
 
   import ltu_jax
   from ltu_jax import generate
@@ -61,11 +68,13 @@ def jax_decoder(pad_id: int):
     out = generate.generate(loaded.model, ids, mask, sampling=sampling, eos_ids=(), pad_id=pad_id)
     return np.asarray(jax.block_until_ready(out.tokens))
 
-  return loaded.tokenizer, decode
+  weights = sum(x.size for x in jax.tree.leaves(nnx.state(loaded.model, nnx.Param)))
+  return loaded.tokenizer, decode, weights
 
 
 def torch_decoder(pad_id: int):
-  """(tokenizer, decode) on transformers' `generate`, eos switched off so that every row runs to the end."""
+  """(tokenizer, decode, number of weights) on transformers' `generate`, eos switched off so that every row
+  runs to the end."""
   import torch
   import transformers
 
@@ -73,6 +82,7 @@ def torch_decoder(pad_id: int):
   model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
   model.eval().generation_config.eos_token_id = None
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+  weights = sum(p.numel() for p in model.parameters())
 
   def decode(sequences, new_tokens):
     longest = max(map(len, sequences))
@@ -84,13 +94,14 @@ def torch_decoder(pad_id: int):
       )
     return out[:, longest:].numpy()
 
-  return tokenizer, decode
+  return tokenizer, decode, weights
 
 
 def child(framework: str, batches: list[int], new_tokens: int, repeats: int) -> None:
   pad_id = 2  # SmolLM2's eos = pad
-  tokenizer, decode = (jax_decoder if framework == "jax" else torch_decoder)(pad_id)
-  result = {}
+  measured = (bounds.jax_bounds if framework == "jax" else bounds.torch_bounds)(repeats)
+  tokenizer, decode, weights = (jax_decoder if framework == "jax" else torch_decoder)(pad_id)
+  result = {"bounds": measured, "weights": weights}
   for batch in batches:
     sequences = prompts(tokenizer, batch)
     row = {}
@@ -121,13 +132,21 @@ def main() -> None:
 
   print(f"SmolLM2-135M fp32, {args.new_tokens} new tokens per row, {args.repeats} repeats, median (min-max); "
         f"jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs")
-  print(f"{'batch':>5s} {'side':6s} {'tokens/s':>22s} {'first token s':>24s} {'first call s':>11s}")
+  for name, side in (("ours", ours), ("torch", theirs)):
+    print(f"{name}: {bounds.describe(side['bounds'])}; bound at batch 1: "
+          f"{bounds.bandwidth(side['bounds']) / (4 * side['weights']):.1f} steps/s ({4 * side['weights'] / 1e6:.0f} MB a step)")
+  print(f"{'batch':>5s} {'side':6s} {'tokens/s':>22s} {'first token s':>24s} {'first call s':>11s} "
+        f"{'steps/s':>8s} {'% bw':>5s} {'% mm':>5s}")
   ratios = {}
   for batch in map(str, args.batches):
-    for name, side in (("ours", ours[batch]), ("torch", theirs[batch])):
-      rates = [int(batch) * args.new_tokens / seconds for seconds in side["full_s"]]
-      first_call = side["full_warmup_s"]
-      print(f"{batch:>5s} {name:6s} {common.spread(rates):>22s} {common.spread(side['first_token_s']):>24s} {first_call:11.1f}")
+    for name, side in (("ours", ours), ("torch", theirs)):
+      row = side[batch]
+      rates = [int(batch) * args.new_tokens / seconds for seconds in row["full_s"]]
+      step = (statistics.median(row["full_s"]) - statistics.median(row["first_token_s"])) / max(args.new_tokens - 1, 1)
+      bandwidth_share = 4 * side["weights"] / bounds.bandwidth(side["bounds"]) / step
+      matmul_share = 2 * side["weights"] * int(batch) / bounds.peak_flops(side["bounds"]) / step
+      print(f"{batch:>5s} {name:6s} {common.spread(rates):>22s} {common.spread(row['first_token_s']):>24s} "
+            f"{row['full_warmup_s']:11.1f} {1 / step:8.1f} {100 * bandwidth_share:5.0f} {100 * matmul_share:5.0f}")
     ratios[batch] = statistics.median(theirs[batch]["full_s"]) / statistics.median(ours[batch]["full_s"])
     same = "same" if ours[batch]["tokens"] == theirs[batch]["tokens"] else "DIFFERENT"
     print(f"{batch:>5s} ratio ours/torch tokens/s {ratios[batch]:.2f}; first row's tokens {same} on both sides")

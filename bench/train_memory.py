@@ -1,6 +1,6 @@
 """Per-device memory of the 7B LTU-AS train step, from the compiler alone: no weights, no accelerator.
 
-    .venv/bin/python bench/train_memory.py [--stages stage3 stage1] [--devices 1 4 8] [--remat off on]
+    .venv/bin/python bench/train_memory.py [--stages stage3 stage3_16gb] [--devices 1 4 8] [--remat config off on]
                                            [--micro 4] [--cutoff 160] [--cpu-hoisting]
 
 The model is the released LTU-AS (Vicuna-7B, TLTR at Whisper large's width over 32 layers, LoRA r8 on
@@ -14,6 +14,9 @@ mesh: fsdp over every device). `memory_analysis()` of the compiled step gives pe
          all-gathered weight shards
   peak   args + out + temp
 One accumulation step is compiled: more steps reuse the scan's buffers, so the peak does not grow.
+remat on (the trainer's `precision.remat`): the LLM's layers recompute their activations in the backward
+pass. Each row of the table is an entry of `ROWS` (a trainer config, a model
+kind and size, its batch's shapes): another model is one more entry.
 
 These are the XLA CPU compiler's figures, estimates of a GPU's. The CPU has no native bf16 matmul: it
 converts each bf16 weight to fp32 before its dot, and loop-invariant code motion then hoists that
@@ -35,46 +38,52 @@ import dataclasses  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import sizes  # noqa: E402
 from ltu_jax import kinds, sharding, train  # noqa: E402
-from ltu_jax.models.llama import LlamaConfig  # noqa: E402
-from ltu_jax.models.lora import LoRAConfig  # noqa: E402
-from ltu_jax.models.ltu_as import LtuAs, LtuAsConfig  # noqa: E402
-from ltu_jax.models.tltr import TLTRConfig  # noqa: E402
 
 GB = 1e9
-CARDS_GB = (24, 48)  # the original's low-resource A5000s and its A6000s (facts §7.1)
-PAPER_TRAINABLE = {"stage1": 5_246_976, "stage2": 48_793_600, "stage3": 48_793_600}  # facts §1.8
+CARDS_GB = (16, 24, 48)  # issue #15's goal; the original's low-resource A5000s and its A6000s (facts §7.1)
 NO_HOISTING = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion,while-loop-expensive-invariant-code-motion"}
 
-VICUNA_7B = LlamaConfig(
-  vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
-  rms_norm_eps=1e-6, tie_word_embeddings=False, lora=LoRAConfig(rank=8, alpha=16.0, dropout=0.05, targets=("q_proj", "v_proj")),
-)
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """A model under one trainer config: a row of the table (one more model is one more entry in `ROWS`)."""
+
+  config: str  # the trainer config in configs/
+  kind: str  # its model kind (the trainable groups)
+  model: Callable[[str, bool], Any]  # (compute dtype, remat) → the model config, weights fp32
+  batch: Callable[[Any, int, int], dict]  # (model config, batch, text tokens) → {name: (shape, dtype)}
+  paper_trainable: int  # trainable parameters the paper counts (facts §1.8)
 
 
-def ltu_as_7b(compute: str, remat: bool) -> LtuAsConfig:
-  """The released LTU-AS, weights fp32 (the trainable masters; the frozen part is cast after the split)."""
-  return LtuAsConfig(
-    llm=dataclasses.replace(VICUNA_7B, dtype=compute, remat=remat),
-    tltr=TLTRConfig(dim=1280, mlp_dim=5120, dtype=compute),
-    feature_layers=32,
-    audio_tokens=25,
-  )
+ROWS = {
+  "stage1": Row("stage1", "ltu_as", sizes.ltu_as, sizes.ltu_as_batch, 5_246_976),
+  "stage2": Row("stage2", "ltu_as", sizes.ltu_as, sizes.ltu_as_batch, 48_793_600),
+  "stage3": Row("stage3", "ltu_as", sizes.ltu_as, sizes.ltu_as_batch, 48_793_600),
+  "stage3_16gb": Row("stage3_16gb", "ltu_as", sizes.ltu_as, sizes.ltu_as_batch, 48_793_600),
+}
 
 
-def abstract_split(stage: str, remat: bool, micro: int):
-  """(stage config, LTU-AS config, graphdef, abstract trainable params, abstract frozen params in storage dtype)."""
-  c = train.load_config(stage, [f"precision.remat={remat}", f"optim.micro_batch_size={micro}"])
-  config = ltu_as_7b(c.precision.compute, c.precision.remat)
-  model = nnx.eval_shape(lambda: LtuAs(config, rngs=nnx.Rngs(0)))
-  graphdef, params, frozen = train.split_for_training(model, c, kinds.get("ltu_as"))
+def abstract_split(name: str, remat: bool | None, micro: int | None):
+  """(trainer config, model config, graphdef, abstract trainable params, abstract frozen params in storage dtype);
+  `remat` and `micro` (the micro-batch) override the config's own when given."""
+  row = ROWS[name]
+  overrides = {"precision.remat": remat, "optim.micro_batch_size": micro}
+  c = train.load_config(row.config, [f"{key}={value}" for key, value in overrides.items() if value is not None])
+  kind = kinds.get(row.kind)
+  config = row.model(c.precision.compute, c.precision.remat)
+  model = nnx.eval_shape(lambda: kind.model(config, rngs=nnx.Rngs(0)))
+  graphdef, params, frozen = train.split_for_training(model, c, kind)
   return c, config, graphdef, params, frozen
 
 
@@ -82,29 +91,24 @@ def count(tree) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
-def abstract_batch(config: LtuAsConfig, micro: int, text_len: int, spec: train.TrainShardings) -> dict:
-  """One accumulation step `[1, micro × data-parallel devices, ...]`, as `Trainer.device_batch` shapes it."""
-  batch = micro * spec.mesh.shape["data"] * spec.mesh.shape["fsdp"]
-  shapes = {
-    "features": ((1, batch, config.feature_layers, config.audio_tokens, config.tltr.dim), jnp.float32),
-    "audio_mask": ((1, batch, config.audio_tokens), jnp.int32),
-    "input_ids": ((1, batch, text_len), jnp.int32),
-    "attention_mask": ((1, batch, text_len), jnp.int32),
-    "loss_mask": ((1, batch, text_len), jnp.bool_),
-  }
+def abstract_batch(name: str, config: Any, micro: int, text_len: int, spec: train.TrainShardings) -> dict:
+  """One accumulation step `[1, micro × data-parallel devices, ...]`, sharded as the trainer shards it."""
+  shapes = ROWS[name].batch(config, micro * spec.mesh.shape["data"] * spec.mesh.shape["fsdp"], text_len)
   return {k: jax.ShapeDtypeStruct(s, d, sharding=spec.batch(len(s))) for k, (s, d) in shapes.items()}
 
 
-def measure(stage: str, devices: list[jax.Device], remat: bool, micro: int, text_len: int, compiler_options: dict) -> dict:
-  """Lowers and compiles the stage's train step on a mesh of `devices`; returns bytes per device."""
+def measure(stage: str, devices: list[jax.Device], remat: bool | None, micro: int | None, text_len: int, compiler_options: dict) -> dict:
+  """Lowers and compiles the stage's train step on a mesh of `devices`; returns bytes per device, its remat
+  setting and micro-batch."""
   c, config, graphdef, params, frozen = abstract_split(stage, remat, micro)
+  kind = kinds.get(ROWS[stage].kind)
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
-  tx, schedule = train.optimizer(c, 1000, kinds.get("ltu_as"))
+  tx, schedule = train.optimizer(c, 1000, kind)
   spec = train.TrainShardings.of(params, frozen, tx, mesh)
   state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  batch = abstract_batch(config, c.optim.micro_batch_size, text_len, spec)
+  batch = abstract_batch(stage, config, c.optim.micro_batch_size, text_len, spec)
   start = time.perf_counter()
   lowered = train.jit_train_step(graphdef, tx, schedule, spec).lower(state, frozen, batch, key)
   memory = lowered.compile(compiler_options=compiler_options).memory_analysis()
@@ -113,36 +117,38 @@ def measure(stage: str, devices: list[jax.Device], remat: bool, micro: int, text
   return dict(
     args=memory.argument_size_in_bytes, out=out, temp=memory.temp_size_in_bytes,
     peak=memory.argument_size_in_bytes + out + memory.temp_size_in_bytes, compile_s=seconds,
+    remat="on" if c.precision.remat else "off", micro=c.optim.micro_batch_size,
   )
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--stages", nargs="+", default=["stage3", "stage1"], choices=sorted(PAPER_TRAINABLE))
+  parser.add_argument("--stages", nargs="+", default=["stage3", "stage3_16gb"], choices=sorted(ROWS), help="rows (`ROWS`)")
   parser.add_argument("--devices", nargs="+", type=int, default=[1, 4, 8], help=f"mesh sizes, at most {FORCED_HOST_DEVICES}")
-  parser.add_argument("--remat", nargs="+", default=["off", "on"], choices=["off", "on"])
-  parser.add_argument("--micro", type=int, default=4, help="micro-batch per device (stage 3 v2 ran 4)")
+  parser.add_argument("--remat", nargs="+", default=["config"], choices=["config", "off", "on"], help="config: the row's own")
+  parser.add_argument("--micro", type=int, help="micro-batch per device (default: the config's; stage 3 v2 ran 4)")
   parser.add_argument("--cutoff", type=int, default=160, help="text tokens (stage 3 v2: 160), padded to a multiple of 8")
   parser.add_argument("--cpu-hoisting", action="store_true", help="keep XLA CPU's hoisted fp32 weight copies (raw CPU figure)")
   args = parser.parse_args()
   text_len = -(-args.cutoff // 8) * 8
   devices = jax.devices("cpu")
   print(f"jax {jax.__version__}, XLA CPU compiler's estimate{' with its fp32 weight hoisting' if args.cpu_hoisting else ''}; "
-        f"7B LTU-AS, micro-batch {args.micro} per device, 25 audio + {text_len} text tokens, bf16 compute, "
+        f"7B LTU-AS, 25 audio + {text_len} text tokens, bf16 compute, "
         f"frozen LLM bf16, trainable fp32 + AdamW; GB = 1e9 bytes per device")
   for stage in args.stages:
-    *_, params, frozen = abstract_split(stage, False, args.micro)
-    print(f"{stage}: {count(params):,} trainable parameters (paper: {PAPER_TRAINABLE[stage]:,}), {count(frozen):,} frozen")
-  print(f"{'stage':7s} {'devices':>7s} {'remat':>5s} {'args':>6s} {'out':>6s} {'temp':>6s} {'peak':>6s}"
+    *_, params, frozen = abstract_split(stage, None, args.micro)
+    print(f"{stage}: {count(params):,} trainable parameters (paper: {ROWS[stage].paper_trainable:,}), {count(frozen):,} frozen")
+  print(f"{'config':11s} {'devices':>7s} {'remat':>5s} {'micro':>5s} {'args':>6s} {'out':>6s} {'temp':>6s} {'peak':>6s}"
         + "".join(f" {f'≤{gb} GB':>6s}" for gb in CARDS_GB) + f" {'compile s':>9s}")
   for stage in args.stages:
     for remat in args.remat:
       for n in args.devices:
         if n > len(devices):
           raise SystemExit(f"--devices {n}: only {len(devices)} host devices are forced")
-        row = measure(stage, devices[:n], remat == "on", args.micro, text_len, {} if args.cpu_hoisting else NO_HOISTING)
+        setting = None if remat == "config" else remat == "on"
+        row = measure(stage, devices[:n], setting, args.micro, text_len, {} if args.cpu_hoisting else NO_HOISTING)
         fits = "".join(f" {'yes' if row['peak'] <= gb * GB else 'no':>6s}" for gb in CARDS_GB)
-        print(f"{stage:7s} {n:7d} {remat:>5s} " + " ".join(f"{row[k] / GB:6.2f}" for k in ("args", "out", "temp", "peak"))
+        print(f"{stage:11s} {n:7d} {row['remat']:>5s} {row['micro']:5d} " + " ".join(f"{row[k] / GB:6.2f}" for k in ("args", "out", "temp", "peak"))
               + f"{fits} {row['compile_s']:9.1f}", flush=True)
 
 

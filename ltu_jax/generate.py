@@ -7,6 +7,8 @@ a log-mel, nothing):
   prompt (with the context, e.g. LTU-AS's audio or Whisper's mel) goes in;
 - `decode_step(carry, input_ids [batch, 1], cache)` → (logits `[batch, 1, vocab]`, cache): one token more
   (`carry` is what the prefill computed once, e.g. Whisper's cross-attention keys and values).
+- optionally `for_decoding()` → a model of this protocol that the engine decodes with instead (the LLMs'
+  per-layer layout, `llama.Decoding`: the same parameters, laid out for memory-bound steps).
 
 Prefill and the decode loop are one jitted function (a `while_loop`: one dispatch per batch, no host round
 trip per token, and it stops once every row has ended). Its shapes come from a short fixed list: the batch
@@ -120,6 +122,7 @@ def generate(
     The new tokens of each row, in the order given.
   """
   request = _Request.of(input_ids, attention_mask, context, sampling, eos_ids, pad_id, key, suppress)
+  model = decoding_form(model)
   chunks = []
   for start in range(0, len(request.input_ids), BATCH_BUCKETS[-1]):
     chunk = request.rows(slice(start, start + BATCH_BUCKETS[-1]))
@@ -155,7 +158,7 @@ def stream(
   if len(request.input_ids) > BATCH_BUCKETS[-1]:
     raise ValueError(f"stream decodes at most {BATCH_BUCKETS[-1]} rows at once, got {len(request.input_ids)}")
   padded, batch = request.bucketed()
-  graphdef, params = nnx.split(model)
+  graphdef, params = nnx.split(decoding_form(model))
   rules = (padded.sampling, padded.eos_ids, padded.pad_id)
   state, carry = _stream_start(graphdef, params, padded.context, padded.input_ids, padded.attention_mask,
                                padded.active, padded.key, padded.suppress, *rules)
@@ -166,6 +169,12 @@ def stream(
     if step == sampling.max_new_tokens or done.all():
       return
     state = _stream_step(graphdef, params, carry, state, padded.key, padded.suppress, *rules)
+
+
+def decoding_form(model: nnx.Module) -> nnx.Module:
+  """The form a model decodes in: its `for_decoding()` where it offers one (the LLMs' per-layer, fused
+  layout, built once per set of parameters and kept), else the model itself."""
+  return model.for_decoding() if hasattr(model, "for_decoding") else model
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,9 +15,11 @@ from transformers.generation import logits_process
 
 from conversion.hf_llama import config_from_hf, load_llama
 from ltu_jax import generate as gen
+from ltu_jax.models.llama import Llama, fused_layers
+from ltu_jax.models.lora import LoRAConfig, LoRAParam
 from ltu_jax.models.ltu_as import LtuAs, LtuAsConfig
 from ltu_jax.models.tltr import TLTRConfig
-from tests.helpers import numpy_state_dict
+from tests.helpers import max_abs_diff, numpy_state_dict
 
 SCORE_TOL = 1e-6  # our logits processors vs HF's on the same float32 scores
 NEW_TOKENS = 12
@@ -203,3 +207,52 @@ def test_ltu_as_preset_is_the_original():
   assert gen.LTU_AS_SAMPLING == gen.SamplingConfig(
     max_new_tokens=400, do_sample=True, temperature=0.1, top_k=500, top_p=0.95, repetition_penalty=1.1
   )
+
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LAYOUT_TOL = 1e-5  # decode-step logits, decoding layout (fused, LoRA merged) vs the scanned layers, fp32
+
+
+def with_adapters(model, seed: int):
+  """A copy of `model` with LoRA on every projection, its B non-zero so that the adapters change the output."""
+  config = dataclasses.replace(model.config, lora=LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=ALL_TARGETS))
+  adapted = Llama(config, rngs=nnx.Rngs(seed))
+  nnx.update(adapted, nnx.state(model))
+  for path, var in nnx.to_flat_state(nnx.state(adapted, LoRAParam)):
+    if path[-1] == "lora_b":
+      var.set_value(jax.random.normal(jax.random.key(seed), var.get_value().shape) * 0.5)
+  return adapted
+
+
+def test_decoding_layout_with_merged_adapters_equals_the_scanned_layers(model):
+  adapted = with_adapters(model, seed=1)
+  ids, mask = gen.left_pad(PROMPTS, PAD)
+  next_ids = np.array([[3], [50], [7]], np.int32)
+
+  @nnx.jit
+  def step(decoder, ids, mask, next_ids):
+    cache = decoder.init_cache(len(ids), ids.shape[1] + 1)
+    _, cache, carry = decoder.prefill(None, ids, mask, cache)
+    return decoder.decode_step(carry, next_ids, cache)[0]
+
+  layout, scanned = (np.asarray(step(d, ids, mask, next_ids)) for d in (adapted.for_decoding(), adapted))
+  assert max_abs_diff(layout, scanned) <= LAYOUT_TOL * np.max(np.abs(scanned))
+  assert max_abs_diff(scanned, np.asarray(step(model, ids, mask, next_ids))) > 0.1  # the adapters do count
+  forward = nnx.jit(lambda m, ids, mask: m(ids, mask)[0])
+  out = run(adapted, PROMPTS).tokens
+  for row, prompt in enumerate(PROMPTS):
+    assert out[row].tolist() == argmax_loop(lambda *a: forward(adapted, *a), prompt, NEW_TOKENS)
+
+
+def test_decoding_layout_is_built_once_and_never_stale(model):
+  adapted = with_adapters(model, seed=2)
+  first = fused_layers(adapted)
+  assert fused_layers(adapted) is first  # kept while the parameters are the same arrays
+  before = run(adapted, PROMPTS).tokens
+  # An update (as a training step makes) replaces the arrays: the next decode rebuilds the layout.
+  nnx.update(adapted, nnx.state(with_adapters(model, seed=3), LoRAParam))
+  assert fused_layers(adapted) is not first
+  after = run(adapted, PROMPTS).tokens
+  assert not np.array_equal(before, after)
+  forward = nnx.jit(lambda m, ids, mask: m(ids, mask)[0])
+  assert after[0].tolist() == argmax_loop(lambda *a: forward(adapted, *a), PROMPTS[0], NEW_TOKENS)

@@ -218,7 +218,8 @@ def sequence_positions(attention_mask: jax.Array) -> jax.Array:
 class KVCache:
   """Keys and values of every layer for incremental decoding; slot i holds the i-th token fed in.
 
-  key, value: `[layers, batch, max_len, kv_heads, head_dim]`.
+  key, value: `[layers, batch, max_len, kv_heads, head_dim]`, or lists of per-layer `[batch, max_len, kv_heads,
+    head_dim]` (the decoding layout, `llama.Decoding`).
   valid: `[batch, max_len]`, True where a slot holds a real (non-padding) token.
   index: `[]` int32, the next slot to write; all rows of a batch advance together.
   """
@@ -240,7 +241,7 @@ class KVCache:
 
   @property
   def max_len(self) -> int:
-    return self.key.shape[2]
+    return self.valid.shape[1]
 
   def advance(self, attention_mask: jax.Array) -> tuple["KVCache", jax.Array, jax.Array]:
     """Marks `attention_mask` `[batch, new]` as the next slots.

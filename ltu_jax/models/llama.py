@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -116,14 +117,22 @@ class Attention(nnx.Module):
     """x `[batch, len, embed]`; kv: this layer's cached (key, value) or None; returns (out, (key, value))."""
     cfg = self.config
     keys = [None] * 4 if dropout_key is None else list(jax.random.split(dropout_key, 4))
-    inv_freq = rope_frequencies(cfg)
-    q = apply_rope(layers.split_heads(self.q_proj(x, keys[0]), cfg.num_heads), positions, inv_freq)
-    k = apply_rope(layers.split_heads(self.k_proj(x, keys[1]), cfg.num_kv_heads), positions, inv_freq)
-    v = layers.split_heads(self.v_proj(x, keys[2]), cfg.num_kv_heads)
-    if kv is not None:
-      k, v = layers.write(kv[0], k, index), layers.write(kv[1], v, index)
-    out = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-    return self.o_proj(out, keys[3]), (k, v)
+    q, k, v = self.q_proj(x, keys[0]), self.k_proj(x, keys[1]), self.v_proj(x, keys[2])
+    out, kv = rotary_attention(cfg, q, k, v, positions, mask, kv, index)
+    return self.o_proj(out, keys[3]), kv
+
+
+def rotary_attention(config: LlamaConfig, q, k, v, positions, mask, kv, index):
+  """Projected queries `[batch, len, heads * head_dim]`, keys and values `[batch, len, kv_heads * head_dim]`
+  → (attention output `[batch, len, heads * head_dim]`, this layer's keys and values, the cache's when `kv`
+  (its `(key, value)`) is given, written at slot `index`)."""
+  inv_freq = rope_frequencies(config)
+  q = apply_rope(layers.split_heads(q, config.num_heads), positions, inv_freq)
+  k = apply_rope(layers.split_heads(k, config.num_kv_heads), positions, inv_freq)
+  v = layers.split_heads(v, config.num_kv_heads)
+  if kv is not None:
+    k, v = layers.write(kv[0], k, index), layers.write(kv[1], v, index)
+  return layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask), (k, v)
 
 
 class MLP(nnx.Module):
@@ -206,14 +215,8 @@ class Llama(nnx.Module):
       (`[batch, len, embed]` normalised hidden states, the updated cache or None).
     """
     cfg = self.config
-    if cache is None:
-      slots = jnp.broadcast_to(jnp.arange(embeds.shape[1]), attention_mask.shape)
-      mask = layers.causal_mask(slots, slots, attention_mask.astype(bool))
-      kv, index = None, None
-    else:
-      cache, q_slots, kv_slots = cache.advance(attention_mask)
-      mask = layers.causal_mask(q_slots, kv_slots, cache.valid)
-      kv, index = (cache.key, cache.value), cache.index - embeds.shape[1]
+    cache, mask, index = attention_inputs(attention_mask, cache)
+    kv = None if cache is None else (cache.key, cache.value)
     dropout_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
 
     def body(layer, x, scanned):
@@ -250,8 +253,7 @@ class Llama(nnx.Module):
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     if positions is None:
-      past = 0 if cache is None else jnp.sum(cache.valid, axis=-1, keepdims=True)
-      positions = past + layers.sequence_positions(attention_mask)
+      positions = continued_positions(attention_mask, cache)
     hidden, cache = self.hidden(self.embed_tokens(input_ids), attention_mask, positions, cache)
     return self.logits(hidden), cache
 
@@ -266,3 +268,127 @@ class Llama(nnx.Module):
   def decode_step(self, context, input_ids, cache):
     del context
     return self(input_ids, jnp.ones_like(input_ids), cache=cache)
+
+  def for_decoding(self) -> "Decoding":
+    """This model in the decoding layout (`Decoding`), which the engine decodes with."""
+    return Decoding(self, self)
+
+  def decode_fused(self, fused: nnx.List, input_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """`decode_step` through `fused_layers(self)`, on a cache whose keys and values are lists of per-layer
+    `[batch, max_len, kv_heads, head_dim]` arrays (each written in place)."""
+    cfg = self.config
+    attention_mask = jnp.ones_like(input_ids)
+    positions = continued_positions(attention_mask, cache)
+    cache, mask, index = attention_inputs(attention_mask, cache)
+    keys, values = list(cache.key), list(cache.value)
+    x = self.embed_tokens(input_ids).astype(cfg.dtype)
+    for i, layer in enumerate(fused):
+      x, (keys[i], values[i]) = layer(x, positions, mask, (keys[i], values[i]), index)
+    return self.logits(self.norm(x).astype(cfg.dtype)), cache.replace(key=keys, value=values)
+
+
+def continued_positions(attention_mask: jax.Array, cache: KVCache | None) -> jax.Array:
+  """Rotary positions `[batch, len]` of new tokens: the count of real tokens before each one, those in the
+  cache included (correct for left or right padding)."""
+  past = 0 if cache is None else jnp.sum(cache.valid, axis=-1, keepdims=True)
+  return past + layers.sequence_positions(attention_mask)
+
+
+def attention_inputs(attention_mask: jax.Array, cache: KVCache | None) -> tuple[KVCache | None, jax.Array, jax.Array | None]:
+  """(the cache advanced over the new tokens, the attention mask `[batch, 1, len, kv_len]`, the slot of the
+  first new token) for new tokens' `attention_mask` `[batch, len]`; without a cache the tokens see each other."""
+  if cache is None:
+    slots = jnp.broadcast_to(jnp.arange(attention_mask.shape[1]), attention_mask.shape)
+    return None, layers.causal_mask(slots, slots, attention_mask.astype(bool)), None
+  cache, q_slots, kv_slots = cache.advance(attention_mask)
+  return cache, layers.causal_mask(q_slots, kv_slots, cache.valid), cache.index - attention_mask.shape[1]
+
+
+# The decoding layout. Inside `lax.scan` over stacked layers XLA copies each layer's weight slice before its
+# matmul (read, write, read again), so a memory-bound decode step reads the weights three times. Decoding
+# instead runs an unrolled loop over per-layer arrays, q|k|v and gate|up fused into one matmul each.
+
+
+class DecodeWeight(nnx.Variable):
+  """A weight of the decoding layout: derived from the parameters, never trained or saved."""
+
+
+def merged_kernel(linear: Linear) -> jax.Array:
+  """A projection's kernel `[in, out]` with its LoRA adapter merged in (`W + A B · alpha / rank`, in fp32)."""
+  kernel = linear.base.kernel[...]
+  if linear.lora is None:
+    return kernel
+  # Full fp32 whatever the default matmul precision (a GPU's would round the product to bf16 passes).
+  delta = jnp.matmul(linear.lora_a[...].astype(jnp.float32), linear.lora_b[...].astype(jnp.float32), precision="highest")
+  return (kernel.astype(jnp.float32) + delta * linear.lora.scale).astype(kernel.dtype)
+
+
+class FusedLayer(nnx.Module):
+  """One `DecoderLayer` in the decoding layout: arrays of its own, q|k|v `[embed, (heads + 2 kv_heads) *
+  head_dim]` and gate|up `[embed, 2 mlp]` fused, LoRA merged (no dropout: decoding never trains)."""
+
+  def __init__(self, layer: DecoderLayer):
+    attn, mlp = layer.self_attn, layer.mlp
+    self.config = attn.config
+    self.input_layernorm = layer.input_layernorm
+    self.post_attention_layernorm = layer.post_attention_layernorm
+    self.qkv = DecodeWeight(jnp.concatenate([merged_kernel(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)], axis=1))
+    self.o = DecodeWeight(merged_kernel(attn.o_proj))
+    self.gate_up = DecodeWeight(jnp.concatenate([merged_kernel(mlp.gate_proj), merged_kernel(mlp.up_proj)], axis=1))
+    self.down = DecodeWeight(merged_kernel(mlp.down_proj))
+
+  def __call__(self, x, positions, mask, kv, index):
+    """As `DecoderLayer.__call__` without dropout."""
+    cfg = self.config
+    dtype = cfg.dtype
+    q_width, kv_width = cfg.num_heads * cfg.head_size, cfg.num_kv_heads * cfg.head_size
+    qkv = self.input_layernorm(x).astype(dtype) @ self.qkv[...].astype(dtype)
+    q, k, v = jnp.split(qkv, [q_width, q_width + kv_width], axis=-1)
+    attn, kv = rotary_attention(cfg, q, k, v, positions, mask, kv, index)
+    x = x + attn @ self.o[...].astype(dtype)
+    gate, up = jnp.split(self.post_attention_layernorm(x).astype(dtype) @ self.gate_up[...].astype(dtype), 2, axis=-1)
+    return x + (jax.nn.silu(gate) * up) @ self.down[...].astype(dtype), kv
+
+
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fused_layers(llm: Llama) -> nnx.List:
+  """`llm`'s layers as `FusedLayer`s (a second copy of their weights), built on first use and kept while its
+  layers' parameters are the very arrays they were built from. Training, `nnx.update` or a load replace
+  those arrays, so the next call rebuilds: the layout is never stale. (A model merged afresh from a train
+  state, as an evaluation during training makes, is a new model: it builds its own.)"""
+  sources = jax.tree.leaves(nnx.state(llm.layers, nnx.Param))
+  kept = _FUSED.get(llm)
+  if kept is not None and len(kept[0]) == len(sources) and all(ref() is x for ref, x in zip(kept[0], sources)):
+    return kept[1]
+  graphdef, state = nnx.split(llm.layers)
+  fused = nnx.List([
+    FusedLayer(nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))) for i in range(llm.config.num_layers)
+  ])
+  _FUSED[llm] = ([weakref.ref(x) for x in sources], fused)
+  return fused
+
+
+class Decoding(nnx.Module):
+  """A model in the engine's protocol that decodes through its LLM's `fused_layers`: the prefill is the
+  model's own (the scanned layers, audio and all), after which the cache is split into per-layer arrays
+  for the decode steps. Made by a model's `for_decoding()`; holds the model, so it is as fresh as it is."""
+
+  def __init__(self, model: nnx.Module, llm: Llama):
+    self.model, self.llm, self.fused = model, llm, fused_layers(llm)
+
+  def init_cache(self, batch: int, max_len: int) -> KVCache:
+    return self.model.init_cache(batch, max_len)
+
+  def context_tokens(self, context) -> int:
+    count = getattr(self.model, "context_tokens", None)
+    return 0 if count is None else count(context)
+
+  def prefill(self, context, input_ids, attention_mask, cache):
+    logits, cache, carry = self.model.prefill(context, input_ids, attention_mask, cache)
+    return logits, cache.replace(key=list(cache.key), value=list(cache.value)), carry
+
+  def decode_step(self, carry, input_ids, cache):
+    del carry  # the LLM's decode steps need nothing from the prefill but the cache
+    return self.llm.decode_fused(self.fused, input_ids, cache)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from ltu_jax.models import layers
 from ltu_jax.models.layers import KVCache
-from ltu_jax.models.llama import Llama, LlamaConfig
+from ltu_jax.models.llama import Decoding, Llama, LlamaConfig
 from ltu_jax.models.tltr import TLTR, TLTRConfig
 
 
@@ -118,6 +118,10 @@ class LtuAs(nnx.Module):
   def decode_step(self, context, input_ids, cache):
     del context
     return self(None, input_ids, jnp.ones_like(input_ids), cache)
+
+  def for_decoding(self) -> Decoding:
+    """This model with its LLM in the decoding layout: after the prefill, a step is the LLM's alone."""
+    return Decoding(self, self.llm)
 
 
 def text_loss_mask(attention_mask: jax.Array, prompt_lengths: jax.Array | None, train_on_inputs: bool) -> jax.Array:
