@@ -7,6 +7,8 @@ mean over layers. LTU-AS: those audio tokens go before the text embeddings of a 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,3 +86,38 @@ def ltu_as_forward(model: nn.Module, features, input_ids, attention_mask, labels
   if labels is not None:
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
   return logits, loss
+
+
+# LTU's front end: Kaldi's filterbank (`compute-fbank-feats`, as `torchaudio.compliance.kaldi.fbank` implements
+# it) with the options the original passes, float32 throughout as torchaudio computes it.
+def kaldi_fbank(waveform: torch.Tensor, num_bins: int = 128, sample_rate: int = 16000) -> torch.Tensor:
+  """`[samples]` → `[frames, num_bins]` in the waveform's dtype (the filters are float32, as torchaudio's
+  and Kaldi's, whatever the dtype): snip-edges frames of 25 ms every 10 ms, each with its DC
+  offset removed, pre-emphasis 0.97 (first sample replicated), a symmetric ("hanning") window, zero-padded
+  to the next power of two; power spectrum; HTK-mel triangles from 20 Hz to Nyquist; log floored at eps."""
+  frame, shift = int(0.025 * sample_rate), int(0.010 * sample_rate)
+  fft = 1 << (frame - 1).bit_length()
+  frames = waveform.unfold(0, frame, shift)
+  frames = frames - frames.mean(dim=1, keepdim=True)
+  frames = frames - 0.97 * F.pad(frames.unsqueeze(0), (1, 0), mode="replicate").squeeze(0)[:, :-1]
+  frames = frames * torch.hann_window(frame, periodic=False, dtype=frames.dtype)
+  power = torch.fft.rfft(F.pad(frames, (0, fft - frame))).abs().pow(2)
+
+  def mel(hz):
+    return 1127.0 * torch.log(1.0 + hz / 700.0)
+
+  low, high = 1127.0 * math.log(1.0 + 20.0 / 700.0), 1127.0 * math.log(1.0 + sample_rate / 2 / 700.0)
+  delta = (high - low) / (num_bins + 1)
+  index = torch.arange(num_bins).unsqueeze(1)
+  left, center, right = low + index * delta, low + (index + 1.0) * delta, low + (index + 2.0) * delta
+  bin_mel = mel(sample_rate / fft * torch.arange(fft // 2)).unsqueeze(0)
+  filters = torch.clamp(torch.min((bin_mel - left) / (center - left), (right - bin_mel) / (right - center)), min=0.0)
+  filters = F.pad(filters, (0, 1)).to(power.dtype)
+  return torch.clamp(power @ filters.T, min=torch.finfo(torch.float32).eps).log()
+
+
+def ltu_fbank_window(waveform: torch.Tensor) -> torch.Tensor:
+  """The original's collator: mean removed, fbank, zero-padded or cut to 1024 frames, then normalized."""
+  fbank = kaldi_fbank(waveform - waveform.mean())
+  fbank = F.pad(fbank, (0, 0, 0, max(0, 1024 - fbank.shape[0])))[:1024]
+  return (fbank + 5.081) / 4.4849
