@@ -84,9 +84,14 @@ def load_ltu_as(
   source: str = "checkpoint",
 ) -> LtuAs:
   """Builds LTU-AS from `(key, array)` pairs holding every parameter (base LLM, LoRA, TLTR, projection)."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: LtuAs(config, rngs=nnx.Rngs(0))))
+  return load_composite(LtuAs, config, ltu_as_rules(config, prefix, llm_prefix), tensors, source)
+
+
+def load_composite(model: type, config, table: Iterable[Rule], tensors: Iterable[tuple[str, np.ndarray]], source: str):
+  """`model(config)` filled from `(key, array)` pairs (peft names normalized) that hold every parameter."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: model(config, rngs=nnx.Rngs(0))))
   tensors = ((normalize_peft_key(k), v) for k, v in tensors)
-  return nnx.merge(graphdef, rules.load(tensors, ltu_as_rules(config, prefix, llm_prefix), state, source=source))
+  return nnx.merge(graphdef, rules.load(tensors, table, state, source=source))
 
 
 def composite_config(llm: model_folder.Loaded, whisper: model_folder.Loaded, lora: LoRAConfig | None) -> LtuAsConfig:
@@ -132,25 +137,34 @@ def convert(
   llm = model_folder.load(llm_dir)
   whisper = model_folder.load(whisper_dir, tokenizer=False)
   config = composite_config(llm, whisper, lora)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LtuAs(config, rngs=nnx.Rngs(seed))))
+
+  def table(path: str, first_key: str) -> tuple[Rule, ...]:
+    return release_rules(config) if checkpoint_kind(path, first_key) == "release" else whisper_at_rules()
+
+  model = compose(LtuAs, config, llm, src, table, seed)
+  model_folder.save(out, model, "ltu_as", extra={**llm.extra, "whisper": WHISPER_SUBFOLDER}, tokenizer=llm.tokenizer)
+  shutil.copytree(whisper.folder, os.path.join(out, WHISPER_SUBFOLDER))
+  return model
+
+
+def compose(model: type, config, llm: model_folder.Loaded, src: str | None, table, seed: int):
+  """`model(config)` with the base LLM of `llm`, and its audio parts and LoRA from `src` (keys mapped by
+  `table(src, first_key)`) where it holds them, else freshly initialised from `seed`."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model(config, rngs=nnx.Rngs(seed))))
   # Jitted so only the new parts are initialised; the base LLM comes from its folder.
   new_parts = nnx.Any(nnx.PathContains("audio_encoder"), nnx.PathContains("audio_proj"), LoRAParam)
-  new = jax.jit(lambda: nnx.state(LtuAs(config, rngs=nnx.Rngs(seed)), new_parts))()
+  new = jax.jit(lambda: nnx.state(model(config, rngs=nnx.Rngs(seed)), new_parts))()
   base = nnx.state(llm.model, nnx.Not(LoRAParam))
   state = nnx.merge_state(abstract, new)
   state["llm"] = nnx.merge_state(state["llm"], base)
   if src is not None:
     tensors = sources.iter_file(src)
     first_key, first = next(tensors)
-    kind = checkpoint_kind(src, first_key)
-    table = release_rules(config) if kind == "release" else whisper_at_rules()
-    filled = {rule.target for rule in table if rule.target}
+    chosen = table(src, first_key)
+    filled = {rule.target for rule in chosen if rule.target}
     tensors = ((normalize_peft_key(k), v) for k, v in itertools.chain([(first_key, first)], tensors))
-    state = rules.load(tensors, table, state, source=src, keep=lambda path: path not in filled)
-  model = nnx.merge(graphdef, state)
-  model_folder.save(out, model, "ltu_as", extra={**llm.extra, "whisper": WHISPER_SUBFOLDER}, tokenizer=llm.tokenizer)
-  shutil.copytree(whisper.folder, os.path.join(out, WHISPER_SUBFOLDER))
-  return model
+    state = rules.load(tensors, chosen, state, source=src, keep=lambda path: path not in filled)
+  return nnx.merge(graphdef, state)
 
 
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -175,8 +189,13 @@ def export_peft(model: LtuAs, folder: str, base_model: str = "") -> None:
 def export_release(model: LtuAs, path: str) -> None:
   """TLTR + projection + LoRA in the release layout (fp32, peft-0.3 names with `.default.`), `torch.save`d
   like the original's `.bin` (or safetensors when `path` ends in `.safetensors`)."""
+  write_release(model, release_rules(model.config), path)
+
+
+def write_release(model: nnx.Module, table: Iterable[Rule], path: str) -> None:
+  """The parameters `table` names, under its keys with peft-0.3's `.default.` adapter names, in fp32."""
   tensors = {}
-  for key, value in rules.export(nnx.state(model), release_rules(model.config)):
+  for key, value in rules.export(nnx.state(model), table):
     key = key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
     tensors[key] = np.ascontiguousarray(value, np.float32)
   if path.endswith(".safetensors"):
