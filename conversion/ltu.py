@@ -62,9 +62,9 @@ def block_rules(source: str, target: str | None, norms: tuple[str, str]) -> Iter
     )
 
 
-def encoder_rules(prefix: str, video: bool = False) -> tuple[Rule, ...]:
-  """CAV-MAE's audio branch under `prefix` onto `audio_encoder`; with `video`, the video branch and the
-  classification head (which a CAV-MAE checkpoint holds and the release does not) are dropped by name."""
+def encoder_rules(prefix: str, head: bool = False) -> tuple[Rule, ...]:
+  """CAV-MAE's audio branch under `prefix` onto `audio_encoder`, its video branch dropped by name; with
+  `head`, also the joint `norm` and `mlp_head` (which a CAV-MAE checkpoint holds and the release does not)."""
   table = [
     Rule(f"{prefix}patch_embed_a.proj.weight", "audio_encoder.patch_embed.kernel", CONV_KERNEL),
     Rule(f"{prefix}patch_embed_a.proj.bias", "audio_encoder.patch_embed.bias"),
@@ -74,9 +74,8 @@ def encoder_rules(prefix: str, video: bool = False) -> tuple[Rule, ...]:
   ]
   for group, norms in USED_NORMS.items():
     table.extend(block_rules(f"{prefix}{group}.{{layer}}", f"audio_encoder.{group}", norms))
-  if video:
-    table.extend(block_rules(f"{prefix}blocks_v.{{layer}}", None, ("norm1", "norm2")))
-    table.extend(Rule(f"{prefix}{name}", None) for name in (*VIDEO_PARAMS, *CAV_MAE_HEAD))
+  table.extend(block_rules(f"{prefix}blocks_v.{{layer}}", None, ("norm1", "norm2")))
+  table.extend(Rule(f"{prefix}{name}", None) for name in VIDEO_PARAMS + (CAV_MAE_HEAD if head else ()))
   return tuple(table)
 
 
@@ -104,7 +103,7 @@ def checkpoint_table(config: LtuConfig, path: str, first_key: str) -> tuple[Rule
   if first_key.startswith(RELEASE_PREFIX):
     return release_rules(config)
   if first_key.startswith(CAV_MAE_PREFIX):
-    return encoder_rules(CAV_MAE_PREFIX, video=True)
+    return encoder_rules(CAV_MAE_PREFIX, head=True)
   raise ValueError(
     f"{path}: key {first_key!r} is neither an LTU release key ({RELEASE_PREFIX}...) "
     f"nor a CAV-MAE key ({CAV_MAE_PREFIX}...)"
