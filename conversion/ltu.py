@@ -22,12 +22,12 @@ import sys
 from typing import Iterable, Iterator
 
 import numpy as np
-from flax import nnx
 
 from conversion import rules
 from conversion.hf_llama import llama_rules
 from conversion.ltu_as import (
-  LTU_AS_LORA, PEFT_FILES, RELEASE_PREFIX, adapter_rules, compose, export_peft, load_composite, write_release,
+  LTU_AS_LORA, RELEASE_PREFIX, adapter_rules, add_composite_options, compose, export_command, load_composite,
+  lora_from_args, write_release,
 )
 from conversion.rules import Permute, Rule, layer_norm_rules, linear_rules
 from ltu_jax import kinds, model_folder
@@ -36,7 +36,7 @@ from ltu_jax.models.lora import LoRAConfig
 from ltu_jax.models.ltu import Ltu, LtuConfig
 
 CAV_MAE_PREFIX = "module."  # a fine-tuned CAV-MAE checkpoint, saved from DataParallel
-LTU_LORA = LTU_AS_LORA  # the same adapters (facts §1.7, §3.3)
+LTU_LORA = LTU_AS_LORA  # the same adapters (facts §1.7, §3.3): the shared options' defaults
 CONV_KERNEL = Permute((2, 3, 1, 0))  # Conv2d [out, in, h, w] → [h, w, in, out]
 BLOCK_NORMS = ("norm1", "norm1_a", "norm1_v", "norm2", "norm2_a", "norm2_v")
 # The LayerNorm pair each block group uses on audio: `blocks_a` run without a modality, `blocks_u` with 'a'.
@@ -150,16 +150,7 @@ def parser() -> argparse.ArgumentParser:
   parser.add_argument("--encoder-heads", type=int, default=release.heads)
   parser.add_argument("--encoder-layers", type=int, default=release.audio_layers, help="audio-only blocks (blocks_a)")
   parser.add_argument("--encoder-joint-layers", type=int, default=release.joint_layers, help="joint blocks (blocks_u)")
-  parser.add_argument("--lora-rank", type=int, default=LTU_LORA.rank, help="0: no adapters (the trainer adds them)")
-  parser.add_argument("--lora-alpha", type=float, default=LTU_LORA.alpha)
-  parser.add_argument("--lora-dropout", type=float, default=LTU_LORA.dropout)
-  parser.add_argument("--lora-targets", default=",".join(LTU_LORA.targets))
-  parser.add_argument("--seed", type=int, default=0, help="initialisation of whatever SRC does not hold")
-  parser.add_argument("--force", action="store_true", help="write into a non-empty OUT or --peft-dir, keeping its files")
-  parser.add_argument("--export", action="store_true", help="write an LTU model folder back to PyTorch formats")
-  parser.add_argument("--model", help="with --export: the LTU model folder")
-  parser.add_argument("--peft-dir", help="with --export: write a peft adapter folder here")
-  parser.add_argument("--release", help="with --export: write an LTU-layout .bin (or .safetensors) here")
+  add_composite_options(parser, "LTU")
   return parser
 
 
@@ -169,31 +160,16 @@ def main(argv: list[str] | None = None) -> None:
   if args.export:
     if not args.model or not (args.peft_dir or args.release) or args.paths:
       command.error("--export needs --model and at least one of --peft-dir, --release, and no positional paths")
-    if args.peft_dir:
-      rules.check_output(args.peft_dir, [args.model], force=args.force, writes=PEFT_FILES)
-    try:
-      kind = model_folder.require(args.model, "conversion.ltu --export", kinds.AUDIO_LLM)
-    except (FileNotFoundError, ValueError) as error:
-      command.error(str(error))
-    if kind.conversion != __spec__.name:
-      command.error(f"{args.model} holds {kind.described}; export it with python -m {kind.conversion} --export")
-    loaded = model_folder.load(args.model, tokenizer=False)
-    if args.peft_dir:
-      export_peft(loaded.model, args.peft_dir)
-    if args.release:
-      export_release(loaded.model, args.release)
+    export_command(args, command, __spec__.name, export_release)
     return
   if len(args.paths) not in (1, 2) or not args.llm:
     command.error("usage: [SRC] OUT --llm LLM_DIR")
   src, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
-  lora = None
-  if args.lora_rank:
-    lora = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))
   encoder = CavMaeConfig(
     dim=args.encoder_dim, heads=args.encoder_heads, mlp_dim=4 * args.encoder_dim,
     audio_layers=args.encoder_layers, joint_layers=args.encoder_joint_layers,
   )
-  convert(src, args.llm, out, encoder=encoder, lora=lora, seed=args.seed, force=args.force)
+  convert(src, args.llm, out, encoder=encoder, lora=lora_from_args(args), seed=args.seed, force=args.force)
   print(f"wrote {out}", file=sys.stderr)
 
 

@@ -204,6 +204,27 @@ def write_release(model: nnx.Module, table: Iterable[Rule], path: str) -> None:
     torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, path)
 
 
+def export_command(args: argparse.Namespace, command: argparse.ArgumentParser, module: str, export_release) -> None:
+  """`--export` of `module`'s folders: both outputs are checked before either is written, and the folder
+  must be of a kind that `module` converts (its release layout is that kind's)."""
+  if args.peft_dir:
+    rules.check_output(args.peft_dir, [args.model], force=args.force, writes=PEFT_FILES)
+  if args.release:
+    release_folder = os.path.dirname(os.path.abspath(args.release))
+    rules.check_output(release_folder, [args.model], force=True, writes=[os.path.basename(args.release)])
+  try:
+    kind = model_folder.require(args.model, f"{module} --export", kinds.AUDIO_LLM)
+  except (FileNotFoundError, ValueError) as error:
+    command.error(str(error))
+  if kind.conversion != module:
+    command.error(f"{args.model} holds {kind.described}; export it with python -m {kind.conversion} --export")
+  loaded = model_folder.load(args.model, tokenizer=False)
+  if args.peft_dir:
+    export_peft(loaded.model, args.peft_dir)
+  if args.release:
+    export_release(loaded.model, args.release)
+
+
 def parser() -> argparse.ArgumentParser:
   """The command line; options may come before, between or after the positionals (`parse_intermixed_args`)."""
   parser = argparse.ArgumentParser(
@@ -212,17 +233,28 @@ def parser() -> argparse.ArgumentParser:
   parser.add_argument("paths", nargs="*", help="[SRC] OUT when converting")
   parser.add_argument("--llm", help="LLM model folder (conversion.llm)")
   parser.add_argument("--whisper", help="Whisper model folder (conversion.whisper)")
+  add_composite_options(parser, "LTU-AS")
+  return parser
+
+
+def add_composite_options(parser: argparse.ArgumentParser, title: str) -> None:
+  """The options every audio-LLM conversion shares: its adapters, seed, --force and the way back."""
   parser.add_argument("--lora-rank", type=int, default=LTU_AS_LORA.rank, help="0: no adapters (the trainer adds them)")
   parser.add_argument("--lora-alpha", type=float, default=LTU_AS_LORA.alpha)
   parser.add_argument("--lora-dropout", type=float, default=LTU_AS_LORA.dropout)
   parser.add_argument("--lora-targets", default=",".join(LTU_AS_LORA.targets))
   parser.add_argument("--seed", type=int, default=0, help="initialisation of whatever SRC does not hold")
   parser.add_argument("--force", action="store_true", help="write into a non-empty OUT or --peft-dir, keeping its files")
-  parser.add_argument("--export", action="store_true", help="write an LTU-AS model folder back to PyTorch formats")
-  parser.add_argument("--model", help="with --export: the LTU-AS model folder")
+  parser.add_argument("--export", action="store_true", help=f"write an {title} model folder back to PyTorch formats")
+  parser.add_argument("--model", help=f"with --export: the {title} model folder")
   parser.add_argument("--peft-dir", help="with --export: write a peft adapter folder here")
-  parser.add_argument("--release", help="with --export: write an LTU-AS-layout .bin (or .safetensors) here")
-  return parser
+  parser.add_argument("--release", help=f"with --export: write an {title}-layout .bin (or .safetensors) here")
+
+
+def lora_from_args(args: argparse.Namespace) -> LoRAConfig | None:
+  if not args.lora_rank:
+    return None
+  return LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -242,27 +274,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   if args.export:
-    # Both outputs are checked before either is written.
-    if args.peft_dir:
-      rules.check_output(args.peft_dir, [args.model], force=args.force, writes=PEFT_FILES)
-    if args.release:
-      release_folder = os.path.dirname(os.path.abspath(args.release))
-      rules.check_output(release_folder, [args.model], force=True, writes=[os.path.basename(args.release)])
-    try:
-      model_folder.require(args.model, "conversion.ltu_as --export", kinds.AUDIO_LLM)
-    except (FileNotFoundError, ValueError) as error:
-      parser().error(str(error))
-    loaded = model_folder.load(args.model, tokenizer=False)
-    if args.peft_dir:
-      export_peft(loaded.model, args.peft_dir)
-    if args.release:
-      export_release(loaded.model, args.release)
+    export_command(args, parser(), __spec__.name, export_release)
     return
   src, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
-  lora = None
-  if args.lora_rank:
-    lora = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))
-  convert(src, args.llm, args.whisper, out, lora=lora, seed=args.seed, force=args.force)
+  convert(src, args.llm, args.whisper, out, lora=lora_from_args(args), seed=args.seed, force=args.force)
   print(f"wrote {out}", file=sys.stderr)
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import numpy as np
-import peft
 import pytest
 import torch
 import transformers
@@ -41,21 +40,7 @@ def build_reference(setup: dict) -> torch.nn.Module:
   llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**setup["llm"], attn_implementation="eager"))
   e = setup["encoder"]
   encoder = torch_reference.CavMaeAudio(e.dim, e.heads, e.mlp_dim, e.audio_layers, e.joint_layers, e.patch, e.mel_bins, e.frames)
-  with torch.no_grad():
-    for module in encoder.modules():  # so that no mapping hides behind ones and zeros
-      if isinstance(module, torch.nn.LayerNorm):
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.normal_(0.0, 0.1)
-  torch_reference.attach_audio_modules(llama, encoder, e.dim)
-  lora = setup["lora"]
-  reference = peft.get_peft_model(
-    llama, peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=list(lora.targets))
-  ).eval()
-  with torch.no_grad():
-    for key, param in reference.named_parameters():
-      if "lora_B" in key:
-        param.normal_(0.0, 0.2)
-  return reference
+  return torch_reference.wrap_with_peft(llama, encoder, e.dim, setup["lora"])
 
 
 def our_config(setup: dict, reference) -> LtuConfig:

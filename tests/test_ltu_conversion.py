@@ -15,7 +15,7 @@ import transformers
 from flax import nnx
 
 import ltu_jax
-from conversion import ltu, ltu_as, rules
+from conversion import ltu, rules
 from conversion.hf_llama import config_from_hf, load_llama
 from ltu_jax import audio, data, extract_features, frontend, infer, model_folder
 from ltu_jax.models.cav_mae import CavMaeConfig

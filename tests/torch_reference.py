@@ -69,6 +69,28 @@ def attach_audio_modules(llama: nn.Module, tltr: nn.Module, whisper_dim: int) ->
   )
 
 
+def wrap_with_peft(llama: nn.Module, encoder: nn.Module, dim: int, lora) -> nn.Module:
+  """The reference as the tests build it: random LayerNorm affines in `encoder` (so that no mapping hides
+  behind ones and zeros), the audio modules attached, a peft wrapper with `lora` (our `LoRAConfig`) and
+  random (non-zero) LoRA B; in eval mode."""
+  import peft  # only the tests that build a composite need it
+
+  with torch.no_grad():
+    for module in encoder.modules():
+      if isinstance(module, nn.LayerNorm):
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.normal_(0.0, 0.1)
+  attach_audio_modules(llama, encoder, dim)
+  reference = peft.get_peft_model(
+    llama, peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=list(lora.targets))
+  ).eval()
+  with torch.no_grad():
+    for key, param in reference.named_parameters():
+      if "lora_B" in key:
+        param.normal_(0.0, 0.2)
+  return reference
+
+
 def ltu_as_forward(model: nn.Module, features, input_ids, attention_mask, labels=None):
   """The original's forward: audio tokens first (positions 0..N-1), logits on text positions only.
 

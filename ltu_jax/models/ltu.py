@@ -15,9 +15,8 @@ import dataclasses
 import jax
 from flax import nnx
 
-from ltu_jax.models import layers
 from ltu_jax.models.cav_mae import CavMaeAudio, CavMaeConfig
-from ltu_jax.models.llama import Llama, LlamaConfig
+from ltu_jax.models.llama import LlamaConfig
 from ltu_jax.models.ltu_as import AudioPrefixLlm
 
 TIME_POOL = 2  # encoder time patches averaged into one audio token
@@ -45,15 +44,7 @@ class Ltu(AudioPrefixLlm):
   def __init__(self, config: LtuConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.audio_encoder = CavMaeAudio(config.encoder, rngs=rngs)
-    # `audio_proj` of the release: LayerNorm without parameters (index 0), Linear (index 1).
-    self.audio_norm = layers.layer_norm(
-      config.encoder.dim, eps=1e-5, affine=False, param_dtype=config.encoder.param_dtype, rngs=rngs
-    )
-    self.audio_proj = layers.linear(
-      config.encoder.dim, config.llm.hidden_size, "audio_embed", "embed", bias=True,
-      dtype=config.llm.dtype, param_dtype=config.llm.param_dtype, rngs=rngs,
-    )
-    self.llm = Llama(config.llm, rngs=rngs)
+    self.init_projection_and_llm(config.encoder.dim, config.encoder.param_dtype, config.llm, rngs)
 
   def encoder_tokens(self, fbank: jax.Array) -> jax.Array:
     """Windows of fbank `[n, 1024, 128]` → pooled, scaled encoder outputs `[n, audio_tokens, dim]` (what the

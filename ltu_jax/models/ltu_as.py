@@ -44,6 +44,16 @@ class AudioPrefixLlm(nnx.Module):
 
   llm: Llama
 
+  def init_projection_and_llm(self, audio_dim: int, audio_param_dtype: str, llm: LlamaConfig, rngs: nnx.Rngs) -> None:
+    """`audio_proj` of the releases: a LayerNorm without parameters (index 0), then Linear(audio_dim → LLM
+    width) (index 1); and the LLM."""
+    self.audio_norm = layers.layer_norm(audio_dim, eps=1e-5, affine=False, param_dtype=audio_param_dtype, rngs=rngs)
+    self.audio_proj = layers.linear(
+      audio_dim, llm.hidden_size, "audio_embed", "embed", bias=True, dtype=llm.dtype, param_dtype=llm.param_dtype,
+      rngs=rngs,
+    )
+    self.llm = Llama(llm, rngs=rngs)
+
   def audio_embeddings(self, features: jax.Array) -> jax.Array:
     """A batch's audio input → audio tokens `[batch, tokens, embed]`."""
     raise NotImplementedError
@@ -122,15 +132,7 @@ class LtuAs(AudioPrefixLlm):
   def __init__(self, config: LtuAsConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.audio_encoder = TLTR(config.tltr, rngs=rngs)
-    # LayerNorm without parameters, then Linear(whisper width → LLM width): `audio_proj.1` in the release.
-    self.audio_norm = layers.layer_norm(
-      config.tltr.dim, eps=1e-5, affine=False, param_dtype=config.tltr.param_dtype, rngs=rngs
-    )
-    self.audio_proj = layers.linear(
-      config.tltr.dim, config.llm.hidden_size, "audio_embed", "embed", bias=True,
-      dtype=config.llm.dtype, param_dtype=config.llm.param_dtype, rngs=rngs,
-    )
-    self.llm = Llama(config.llm, rngs=rngs)
+    self.init_projection_and_llm(config.tltr.dim, config.tltr.param_dtype, config.llm, rngs)
 
   def audio_embeddings(self, features: jax.Array) -> jax.Array:
     """Whisper features `[batch, layers, windows * audio_tokens, whisper_dim]` → audio tokens
