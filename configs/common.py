@@ -49,8 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora = ml_collections.ConfigDict({"rank": 8, "alpha": 16.0, "dropout": 0.05, "targets": ("q_proj", "v_proj")})
 
   c.audio = ml_collections.ConfigDict()
-  # 10 s windows a clip may fill, 25 audio tokens each (None: what the model folder was trained with; the
-  # release: 1). The trained model folder records it.
+  # Windows a clip may fill (LTU-AS: 10 s, 25 audio tokens each; LTU: 10.24 s, 32) (None: what the model
+  # folder was trained with; the releases: 1). The trained model folder records it.
   c.audio.max_windows = ml_collections.FieldReference(None, field_type=int)
 
   c.precision = ml_collections.ConfigDict()

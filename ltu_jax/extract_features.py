@@ -143,7 +143,8 @@ def parser() -> argparse.ArgumentParser:
   parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="encoder compute dtype")
   parser.add_argument(
     "--max-windows", type=int, default=1,
-    help="10 s windows kept per clip, 25 audio tokens each (default 1: the release's first 10 s); longer audio is dropped with a warning",
+    help="windows kept per clip (LTU-AS: 10 s, 25 audio tokens each; LTU: 10.24 s, 32) (default 1: the releases' first "
+    "window); longer audio is dropped with a warning",
   )
   parser.add_argument("--skip-bad", action="store_true", help="log and skip bad records and audio instead of stopping")
   return parser
