@@ -129,7 +129,7 @@ def train_row(tiny: bool, devices: list[jax.Device], repeats: int) -> dict[str, 
   state, frozen = jax.jit(init, out_shardings=(spec.state, spec.frozen))()
   batch_size = c.optim.micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
   text_len = -(-c.data.cutoff_len // c.data.pad_to_multiple_of) * c.data.pad_to_multiple_of
-  shapes = sizes.ltu_as_batch(config, batch_size, text_len)
+  shapes = sizes.audio_batch(config, batch_size, text_len)
 
   def make_batch():
     key = jax.random.key(1)

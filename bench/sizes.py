@@ -1,5 +1,5 @@
 """The model sizes the benches build with random weights: the released LTU-AS (Vicuna-7B, TLTR at Whisper
-large's width over its 32 layers, LoRA r8 on q and v), Whisper large-v1's encoder, and tiny stand-ins of the
+large's width over its 32 layers, LoRA r8 on q and v), the released LTU (the same LLM, CAV-MAE's ViT-B audio branch), Whisper large-v1's encoder, and tiny stand-ins of the
 same shapes' kinds that compile in seconds on a CPU (`--tiny`)."""
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ import dataclasses
 import jax.numpy as jnp
 
 from ltu_jax.models.llama import LlamaConfig
+from ltu_jax.models.cav_mae import CavMaeConfig
 from ltu_jax.models.lora import LoRAConfig
+from ltu_jax.models.ltu import LtuConfig
 from ltu_jax.models.ltu_as import LtuAsConfig
 from ltu_jax.models.tltr import TLTRConfig
 from ltu_jax.models.whisper import WhisperConfig
@@ -45,12 +47,22 @@ def ltu_as(compute: str, remat: bool, tiny: bool = False, llm_param_dtype: str =
   )
 
 
-def ltu_as_batch(config: LtuAsConfig, batch: int, text_len: int) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
-  """(shape, dtype) of each array of one accumulation step `[1, batch, ...]`, as `Trainer.device_batch` shapes it."""
-  audio = config.audio_tokens * config.max_windows
+def ltu(compute: str, remat: bool, llm_param_dtype: str = "float32") -> LtuConfig:
+  """LTU 7B (Vicuna-7B with LoRA, CAV-MAE's audio branch over one 10.24 s window); as `ltu_as`."""
+  return LtuConfig(
+    llm=dataclasses.replace(VICUNA_7B, dtype=compute, remat=remat, param_dtype=llm_param_dtype),
+    encoder=CavMaeConfig(dtype=compute, remat=remat),
+  )
+
+
+def audio_batch(config: LtuAsConfig | LtuConfig, batch: int, text_len: int) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
+  """(shape, dtype) of each array of one accumulation step `[1, batch, ...]`, as `Trainer.device_batch` shapes it:
+  the model's cached audio input (`feature_shape`, one window) for each of its windows."""
+  layers, time, dim = config.feature_shape
+  time *= config.max_windows
   return {
-    "features": ((1, batch, config.feature_layers, audio, config.tltr.dim), jnp.float32),
-    "audio_mask": ((1, batch, audio), jnp.int32),
+    "features": ((1, batch, layers, time, dim), jnp.float32),
+    "audio_mask": ((1, batch, time), jnp.int32),
     "input_ids": ((1, batch, text_len), jnp.int32),
     "attention_mask": ((1, batch, text_len), jnp.int32),
     "loss_mask": ((1, batch, text_len), jnp.bool_),

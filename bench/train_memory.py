@@ -1,10 +1,12 @@
-"""Per-device memory of the 7B LTU-AS train step, from the compiler alone: no weights, no accelerator.
+"""Per-device memory of the 7B LTU-AS (and LTU) train step, from the compiler alone: no weights, no accelerator.
 
     .venv/bin/python bench/train_memory.py [--stages stage3 stage3_16gb] [--devices 1 4 8] [--remat config off on]
                                            [--micro 4] [--cutoff 160] [--cpu-hoisting]
+    .venv/bin/python bench/train_memory.py --stages ltu_stage4 --devices 1 8 --cutoff 108   # LTU
 
 The model is the released LTU-AS (Vicuna-7B, TLTR at Whisper large's width over 32 layers, LoRA r8 on
-q and v) built abstractly with `nnx.eval_shape`, split by a stage's trainable filter, the frozen part
+q and v), or for the `ltu_stage*` rows the released LTU (the same LLM and LoRA, CAV-MAE's ViT-B audio
+branch over one 10.24 s fbank window, 32 audio tokens), built abstractly with `nnx.eval_shape`, split by a stage's trainable filter, the frozen part
 cast to the config's storage dtype (bf16); the trainer's own jitted step (`train.jit_train_step` with
 `train.TrainShardings`) is lowered and compiled for a mesh of 1, 4 or 8 host devices (the config's
 mesh: fsdp over every device). `memory_analysis()` of the compiled step gives per-device bytes:
@@ -67,10 +69,13 @@ class Row:
 
 
 ROWS = {
-  "stage1": Row("stage1", "ltu_as", sizes.ltu_as, sizes.ltu_as_batch, 5_246_976),
-  "stage2": Row("stage2", "ltu_as", sizes.ltu_as, sizes.ltu_as_batch, 48_793_600),
-  "stage3": Row("stage3", "ltu_as", sizes.ltu_as, sizes.ltu_as_batch, 48_793_600),
-  "stage3_16gb": Row("stage3_16gb", "ltu_as", sizes.ltu_as, sizes.ltu_as_batch, 48_793_600),
+  "stage1": Row("stage1", "ltu_as", sizes.ltu_as, sizes.audio_batch, 5_246_976),
+  "stage2": Row("stage2", "ltu_as", sizes.ltu_as, sizes.audio_batch, 48_793_600),
+  "stage3": Row("stage3", "ltu_as", sizes.ltu_as, sizes.audio_batch, 48_793_600),
+  "stage3_16gb": Row("stage3_16gb", "ltu_as", sizes.ltu_as, sizes.audio_batch, 48_793_600),
+  # LTU: the paper's count has the 48 LayerNorms the original holds but never reads (73,728 parameters): ours is that less
+  "ltu_stage1": Row("ltu_stage1", "ltu", sizes.ltu, sizes.audio_batch, 3_149_824),
+  **{f"ltu_stage{i}": Row(f"ltu_stage{i}", "ltu", sizes.ltu, sizes.audio_batch, 93_065_216) for i in (2, 3, 4)},
 }
 
 
@@ -133,7 +138,7 @@ def main() -> None:
   text_len = -(-args.cutoff // 8) * 8
   devices = jax.devices("cpu")
   print(f"jax {jax.__version__}, XLA CPU compiler's estimate{' with its fp32 weight hoisting' if args.cpu_hoisting else ''}; "
-        f"7B LTU-AS, 25 audio + {text_len} text tokens, bf16 compute, "
+        f"7B models (LTU-AS: 25 audio tokens, LTU: 32) + {text_len} text tokens, bf16 compute, "
         f"frozen LLM bf16, trainable fp32 + AdamW; GB = 1e9 bytes per device")
   for stage in args.stages:
     *_, params, frozen = abstract_split(stage, None, args.micro)

@@ -1,4 +1,4 @@
-"""The LTU-AS recipe shared by every stage (facts §3.1); each stage file changes only what differs."""
+"""The recipe shared by every stage (facts §3.1, LTU-AS and LTU alike); each stage file changes only what differs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # LTU JSON / JSONL
   c.data.features = ""  # feature cache folder (python -m ltu_jax.extract_features)
-  c.data.features_on_the_fly = False  # compute missing features with the model folder's Whisper
+  c.data.features_on_the_fly = False  # compute missing features (LTU-AS: with the model folder's Whisper)
   c.data.cutoff_len = 108
   c.data.train_on_inputs = True  # the original computes the loss over the whole text
   c.data.padding_side = "left"
@@ -49,8 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora = ml_collections.ConfigDict({"rank": 8, "alpha": 16.0, "dropout": 0.05, "targets": ("q_proj", "v_proj")})
 
   c.audio = ml_collections.ConfigDict()
-  # 10 s windows a clip may fill, 25 audio tokens each (None: what the model folder was trained with; the
-  # release: 1). The trained model folder records it.
+  # Windows a clip may fill (LTU-AS: 10 s, 25 audio tokens each; LTU: 10.24 s, 32) (None: what the model
+  # folder was trained with; the releases: 1). The trained model folder records it.
   c.audio.max_windows = ml_collections.FieldReference(None, field_type=int)
 
   c.precision = ml_collections.ConfigDict()
@@ -66,4 +66,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
+  return c
+
+
+def ltu_config(stage: int) -> ml_collections.ConfigDict:
+  """LTU's stages (facts §3.3): batch 256, cutoff 108, the loss over the whole text (`--train_on_inputs`),
+  LoRA r8/α16/0.05 on q and v, as the shared recipe; the fbank is computed from the audio as the
+  original's collator does (a cache from `extract_features --model` is read where it has the clip)."""
+  c = base_config()
+  c.name = f"ltu_stage{stage}"
+  c.data.features = "data/ltu_fbank"
+  c.data.features_on_the_fly = True
   return c

@@ -22,6 +22,13 @@ MAX_WINDOWS = 3
 DATA = f"{CACHE}/tiny_data"
 FEATURES = f"{DATA}/features"
 
+# LTU over the same LLM and data. CAV-MAE has no weights on PyPI, so its encoder starts random, at a small
+# size (192 wide, 3 heads, 3 + 1 blocks: ~1.6 M parameters besides the 128 × 1024 input's positions), and
+# trains from stage 2 on with the rest; stage 1 trains the projection over the random encoder.
+LTU = f"{CACHE}/models/ltu-tiny"
+LTU_ENCODER = dict(dim=192, heads=3, mlp_dim=768, audio_layers=3, joint_layers=1)
+LTU_FEATURES = f"{DATA}/fbank"  # the fbank windows (python -m ltu_jax.extract_features --model LTU)
+
 
 def scale_to_cpu(c: ml_collections.ConfigDict, stage: int) -> ml_collections.ConfigDict:
   c.name = f"tiny_stage{stage}"
@@ -52,4 +59,20 @@ def scale_to_cpu(c: ml_collections.ConfigDict, stage: int) -> ml_collections.Con
   c.precision.frozen = "float32"
   c.log_every = 5
   c.checkpoint_every = 25
+  return c
+
+
+def scale_ltu_to_cpu(c: ml_collections.ConfigDict, stage: int) -> ml_collections.ConfigDict:
+  """LTU's four stages at the tiny LTU-AS's scale: its batches, rates and answer-only loss; stage 3 on the
+  closed-ended questions, stage 4 on the whole mix with MAX_WINDOWS windows. The encoder is random, so it
+  trains at the full rate (LTU-AS's tiny runs hold their pretrained TLTR instead)."""
+  c = scale_to_cpu(c, min(stage, 3))
+  c.name = f"tiny_ltu_stage{stage}"
+  c.output_dir = f"{RUNS}/tiny_ltu_stage{stage}"
+  c.model = LTU if stage == 1 else f"{RUNS}/tiny_ltu_stage{stage - 1}/model"
+  c.data.train = f"{DATA}/" + {1: "classification", 2: "classification", 3: "closed", 4: "train"}[stage] + ".json"
+  c.data.features = LTU_FEATURES
+  c.optim.epochs = {1: 0.05, 2: 1.0, 3: 0.3, 4: 0.5}[stage]
+  c.optim.lr_scale.audio_encoder = 1.0
+  c.audio.max_windows = MAX_WINDOWS if stage == 4 else None
   return c

@@ -84,9 +84,14 @@ def load_ltu_as(
   source: str = "checkpoint",
 ) -> LtuAs:
   """Builds LTU-AS from `(key, array)` pairs holding every parameter (base LLM, LoRA, TLTR, projection)."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: LtuAs(config, rngs=nnx.Rngs(0))))
+  return load_composite(LtuAs, config, ltu_as_rules(config, prefix, llm_prefix), tensors, source)
+
+
+def load_composite(model: type, config, table: Iterable[Rule], tensors: Iterable[tuple[str, np.ndarray]], source: str):
+  """`model(config)` filled from `(key, array)` pairs (peft names normalized) that hold every parameter."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: model(config, rngs=nnx.Rngs(0))))
   tensors = ((normalize_peft_key(k), v) for k, v in tensors)
-  return nnx.merge(graphdef, rules.load(tensors, ltu_as_rules(config, prefix, llm_prefix), state, source=source))
+  return nnx.merge(graphdef, rules.load(tensors, table, state, source=source))
 
 
 def composite_config(llm: model_folder.Loaded, whisper: model_folder.Loaded, lora: LoRAConfig | None) -> LtuAsConfig:
@@ -132,25 +137,34 @@ def convert(
   llm = model_folder.load(llm_dir)
   whisper = model_folder.load(whisper_dir, tokenizer=False)
   config = composite_config(llm, whisper, lora)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LtuAs(config, rngs=nnx.Rngs(seed))))
+
+  def table(path: str, first_key: str) -> tuple[Rule, ...]:
+    return release_rules(config) if checkpoint_kind(path, first_key) == "release" else whisper_at_rules()
+
+  model = compose(LtuAs, config, llm, src, table, seed)
+  model_folder.save(out, model, "ltu_as", extra={**llm.extra, "whisper": WHISPER_SUBFOLDER}, tokenizer=llm.tokenizer)
+  shutil.copytree(whisper.folder, os.path.join(out, WHISPER_SUBFOLDER))
+  return model
+
+
+def compose(model: type, config, llm: model_folder.Loaded, src: str | None, table, seed: int):
+  """`model(config)` with the base LLM of `llm`, and its audio parts and LoRA from `src` (keys mapped by
+  `table(src, first_key)`) where it holds them, else freshly initialised from `seed`."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model(config, rngs=nnx.Rngs(seed))))
   # Jitted so only the new parts are initialised; the base LLM comes from its folder.
   new_parts = nnx.Any(nnx.PathContains("audio_encoder"), nnx.PathContains("audio_proj"), LoRAParam)
-  new = jax.jit(lambda: nnx.state(LtuAs(config, rngs=nnx.Rngs(seed)), new_parts))()
+  new = jax.jit(lambda: nnx.state(model(config, rngs=nnx.Rngs(seed)), new_parts))()
   base = nnx.state(llm.model, nnx.Not(LoRAParam))
   state = nnx.merge_state(abstract, new)
   state["llm"] = nnx.merge_state(state["llm"], base)
   if src is not None:
     tensors = sources.iter_file(src)
     first_key, first = next(tensors)
-    kind = checkpoint_kind(src, first_key)
-    table = release_rules(config) if kind == "release" else whisper_at_rules()
-    filled = {rule.target for rule in table if rule.target}
+    chosen = table(src, first_key)
+    filled = {rule.target for rule in chosen if rule.target}
     tensors = ((normalize_peft_key(k), v) for k, v in itertools.chain([(first_key, first)], tensors))
-    state = rules.load(tensors, table, state, source=src, keep=lambda path: path not in filled)
-  model = nnx.merge(graphdef, state)
-  model_folder.save(out, model, "ltu_as", extra={**llm.extra, "whisper": WHISPER_SUBFOLDER}, tokenizer=llm.tokenizer)
-  shutil.copytree(whisper.folder, os.path.join(out, WHISPER_SUBFOLDER))
-  return model
+    state = rules.load(tensors, chosen, state, source=src, keep=lambda path: path not in filled)
+  return nnx.merge(graphdef, state)
 
 
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -175,14 +189,40 @@ def export_peft(model: LtuAs, folder: str, base_model: str = "") -> None:
 def export_release(model: LtuAs, path: str) -> None:
   """TLTR + projection + LoRA in the release layout (fp32, peft-0.3 names with `.default.`), `torch.save`d
   like the original's `.bin` (or safetensors when `path` ends in `.safetensors`)."""
+  write_release(model, release_rules(model.config), path)
+
+
+def write_release(model: nnx.Module, table: Iterable[Rule], path: str) -> None:
+  """The parameters `table` names, under its keys with peft-0.3's `.default.` adapter names, in fp32."""
   tensors = {}
-  for key, value in rules.export(nnx.state(model), release_rules(model.config)):
+  for key, value in rules.export(nnx.state(model), table):
     key = key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
     tensors[key] = np.ascontiguousarray(value, np.float32)
   if path.endswith(".safetensors"):
     save_file(tensors, path)
   else:
     torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, path)
+
+
+def export_command(args: argparse.Namespace, command: argparse.ArgumentParser, module: str, export_release) -> None:
+  """`--export` of `module`'s folders: both outputs are checked before either is written, and the folder
+  must be of a kind that `module` converts (its release layout is that kind's)."""
+  if args.peft_dir:
+    rules.check_output(args.peft_dir, [args.model], force=args.force, writes=PEFT_FILES)
+  if args.release:
+    release_folder = os.path.dirname(os.path.abspath(args.release))
+    rules.check_output(release_folder, [args.model], force=True, writes=[os.path.basename(args.release)])
+  try:
+    kind = model_folder.require(args.model, f"{module} --export", kinds.AUDIO_LLM)
+  except (FileNotFoundError, ValueError) as error:
+    command.error(str(error))
+  if kind.conversion != module:
+    command.error(f"{args.model} holds {kind.described}; export it with python -m {kind.conversion} --export")
+  loaded = model_folder.load(args.model, tokenizer=False)
+  if args.peft_dir:
+    export_peft(loaded.model, args.peft_dir)
+  if args.release:
+    export_release(loaded.model, args.release)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -193,17 +233,28 @@ def parser() -> argparse.ArgumentParser:
   parser.add_argument("paths", nargs="*", help="[SRC] OUT when converting")
   parser.add_argument("--llm", help="LLM model folder (conversion.llm)")
   parser.add_argument("--whisper", help="Whisper model folder (conversion.whisper)")
+  add_composite_options(parser, "LTU-AS")
+  return parser
+
+
+def add_composite_options(parser: argparse.ArgumentParser, title: str) -> None:
+  """The options every audio-LLM conversion shares: its adapters, seed, --force and the way back."""
   parser.add_argument("--lora-rank", type=int, default=LTU_AS_LORA.rank, help="0: no adapters (the trainer adds them)")
   parser.add_argument("--lora-alpha", type=float, default=LTU_AS_LORA.alpha)
   parser.add_argument("--lora-dropout", type=float, default=LTU_AS_LORA.dropout)
   parser.add_argument("--lora-targets", default=",".join(LTU_AS_LORA.targets))
   parser.add_argument("--seed", type=int, default=0, help="initialisation of whatever SRC does not hold")
   parser.add_argument("--force", action="store_true", help="write into a non-empty OUT or --peft-dir, keeping its files")
-  parser.add_argument("--export", action="store_true", help="write an LTU-AS model folder back to PyTorch formats")
-  parser.add_argument("--model", help="with --export: the LTU-AS model folder")
+  parser.add_argument("--export", action="store_true", help=f"write an {title} model folder back to PyTorch formats")
+  parser.add_argument("--model", help=f"with --export: the {title} model folder")
   parser.add_argument("--peft-dir", help="with --export: write a peft adapter folder here")
-  parser.add_argument("--release", help="with --export: write an LTU-AS-layout .bin (or .safetensors) here")
-  return parser
+  parser.add_argument("--release", help=f"with --export: write an {title}-layout .bin (or .safetensors) here")
+
+
+def lora_from_args(args: argparse.Namespace) -> LoRAConfig | None:
+  if not args.lora_rank:
+    return None
+  return LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -223,27 +274,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   if args.export:
-    # Both outputs are checked before either is written.
-    if args.peft_dir:
-      rules.check_output(args.peft_dir, [args.model], force=args.force, writes=PEFT_FILES)
-    if args.release:
-      release_folder = os.path.dirname(os.path.abspath(args.release))
-      rules.check_output(release_folder, [args.model], force=True, writes=[os.path.basename(args.release)])
-    try:
-      model_folder.require(args.model, "conversion.ltu_as --export", kinds.AUDIO_LLM)
-    except (FileNotFoundError, ValueError) as error:
-      parser().error(str(error))
-    loaded = model_folder.load(args.model, tokenizer=False)
-    if args.peft_dir:
-      export_peft(loaded.model, args.peft_dir)
-    if args.release:
-      export_release(loaded.model, args.release)
+    export_command(args, parser(), __spec__.name, export_release)
     return
   src, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
-  lora = None
-  if args.lora_rank:
-    lora = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))
-  convert(src, args.llm, args.whisper, out, lora=lora, seed=args.seed, force=args.force)
+  convert(src, args.llm, args.whisper, out, lora=lora_from_args(args), seed=args.seed, force=args.force)
   print(f"wrote {out}", file=sys.stderr)
 
 

@@ -35,6 +35,21 @@ def transpose(array: np.ndarray) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
+class Permute:
+  """Reorders axes (`numpy.transpose(array, axes)`), e.g. a PyTorch Conv2d `[out, in, h, w]` → Flax
+  `[h, w, in, out]` with `(2, 3, 1, 0)`; `export` writes it back with `inverse`."""
+
+  axes: tuple[int, ...]
+
+  def __call__(self, array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(array, self.axes))
+
+  @property
+  def inverse(self) -> "Permute":
+    return Permute(tuple(int(axis) for axis in np.argsort(self.axes)))
+
+
+@dataclasses.dataclass(frozen=True)
 class Rule:
   """Maps source keys matching `source` onto the parameter at `target` (None: a key to drop)."""
 
@@ -277,18 +292,18 @@ _INVERSES: dict[Callable, Callable] = {identity: identity, transpose: transpose}
 def export(state: nnx.State, table: Iterable[Rule]) -> Iterator[tuple[str, np.ndarray]]:
   """The way back: `(source key, array)` for every rule of `table`, one layer slice at a time.
 
-  Only rules whose transform is invertible here (identity, transpose) can be exported.
+  Only rules whose transform is invertible here (identity, transpose, `Permute`) can be exported.
   """
   flat = {path_str(path): var for path, var in nnx.to_flat_state(state)}
   for rule in table:
     if rule.target is None:
       continue
-    if rule.transform not in _INVERSES:
+    invert = rule.transform.inverse if isinstance(rule.transform, Permute) else _INVERSES.get(rule.transform)
+    if invert is None:
       raise ValueError(f"cannot export {rule.source!r}: its transform {rule.transform.__name__} has no inverse")
     if rule.target not in flat:
       raise KeyError(f"the model has no {rule.target!r} to export as {rule.source!r}")
     value = np.asarray(flat[rule.target].get_value())
-    invert = _INVERSES[rule.transform]
     if rule.layered:
       for layer in range(value.shape[0]):
         yield rule.source.format(layer=layer), invert(value[layer])

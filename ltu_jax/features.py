@@ -1,8 +1,13 @@
-"""The frozen audio encoder that runs before LTU-AS: a waveform's windows (`ltu_jax.frontend`) through the
-Whisper encoder, every block's output mean-pooled to 25 steps a window (facts §1.2).
+"""What an audio-language model reads of a clip, computed before it: the feature cache's contents
+(`python -m ltu_jax.extract_features`), and what `infer` and the trainer compute when a clip is not cached.
 
-This is what the feature cache holds (`python -m ltu_jax.extract_features`) and what `infer` and the trainer
-compute when a clip is not cached. A clip of W windows gives `[layers, W * 25, dim]`, its windows in order.
+- LTU-AS (`WhisperFeatures`): a waveform's windows (`ltu_jax.frontend`) through the frozen Whisper encoder,
+  every block's output mean-pooled to 25 steps a window (facts §1.2). A clip of W windows gives
+  `[layers, W * 25, dim]`, its windows in order.
+- LTU (`FrontendFeatures`): its encoder trains, so what comes before the model is the front end alone,
+  the fbank windows: `[1, W * 1024, 128]`.
+
+The kind's registry entry says which (`whisper_features`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from flax import nnx
 
 from ltu_jax import data, kinds, model_folder
 from ltu_jax.audio import load_audio
-from ltu_jax.frontend import LTU_AS_POOL, LtuAsWindows
+from ltu_jax.frontend import LTU_AS_POOL, Frontend, LtuAsWindows
 from ltu_jax.generate import batch_bucket
 from ltu_jax.model_folder import Loaded
 from ltu_jax.models.whisper import ltu_as_features
@@ -30,6 +35,8 @@ class WhisperFeatures:
   float16 (the original's storage dtype, whatever the encoder's compute dtype); `clips(waveforms)` and
   `load(audio_path)` → one `[layers, windows * 25, dim]` per clip. `shape` is one window's `(layers, 25, dim)`.
   """
+
+  storage_dtype = np.float16  # what the cache holds, as the original's files
 
   def __init__(self, whisper: Loaded, max_windows: int = 1):
     kinds.require(whisper.kind, "LTU-AS features", kinds.TRANSCRIBES, whisper.folder)
@@ -68,6 +75,33 @@ class WhisperFeatures:
     return _join_windows(self(self.mel(audio_path)))
 
 
+class FrontendFeatures:
+  """A front end's windows as the features (LTU's fbank): `windows`/`mel` → `[windows, frames, bins]`,
+  `self(windows)` → `[windows, 1, frames, bins]`, `clips` and `load` → `[1, windows * frames, bins]` per
+  clip, float32 (float16 would move the fbank by ~1e-3). `shape` is one window's `(1, frames, bins)`."""
+
+  storage_dtype = np.float32
+
+  def __init__(self, recipe: Frontend):
+    self.frontend = recipe
+    self.shape = (1, recipe.window_frames, recipe.n_mels)
+
+  def windows(self, waveform: np.ndarray, name: str = "") -> np.ndarray:
+    return self.frontend.windows(waveform, name)
+
+  def mel(self, audio_path: str) -> np.ndarray:
+    return self.windows(load_audio(audio_path), audio_path)
+
+  def __call__(self, windows: np.ndarray) -> np.ndarray:
+    return np.asarray(windows, np.float32)[:, None]
+
+  def clips(self, windows: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return [_join_windows(self(w)) for w in windows]
+
+  def load(self, audio_path: str) -> np.ndarray:
+    return _join_windows(self(self.mel(audio_path)))
+
+
 def _join_windows(per_window: np.ndarray) -> np.ndarray:
   """`[windows, layers, 25, dim]` → `[layers, windows * 25, dim]`, the windows in order."""
   windows, num_layers, tokens, dim = per_window.shape
@@ -89,6 +123,12 @@ def whisper_folder(loaded: Loaded) -> str:
   return folder
 
 
+def check_folder(loaded: Loaded) -> None:
+  """Raises what `for_model` would (a missing Whisper folder) before any audio is read."""
+  if kinds.get(loaded.kind).whisper_features:
+    whisper_folder(loaded)
+
+
 @functools.lru_cache(maxsize=2)  # a large-v1 is 1.5 B parameters: not reloaded for every batch
 def load_whisper(folder: str, dtype: str | None = None) -> Loaded:
   """A Whisper folder, loaded once per process (and compute dtype: `dtype` casts weights and compute)."""
@@ -100,22 +140,39 @@ def _extractor(folder: str, dtype: str | None, max_windows: int) -> WhisperFeatu
   return WhisperFeatures(load_whisper(folder, dtype), max_windows)
 
 
-def for_model(loaded: Loaded, max_windows: int | None = None, dtype: str | None = None) -> WhisperFeatures:
-  """The feature extractor of an LTU-AS folder's own Whisper, for up to `max_windows` windows a clip
-  (default: what the model was trained with)."""
+def for_model(loaded: Loaded, max_windows: int | None = None, dtype: str | None = None) -> WhisperFeatures | FrontendFeatures:
+  """What computes the model's audio input, for up to `max_windows` windows a clip (default: what the model
+  was trained with): its own Whisper's features (LTU-AS), or its front end's windows (LTU)."""
+  kind = kinds.get(loaded.kind)
   windows = loaded.config.max_windows if max_windows is None else max_windows
-  return _extractor(whisper_folder(loaded), dtype, windows)
+  if kind.whisper_features:
+    return _extractor(whisper_folder(loaded), dtype, windows)
+  return FrontendFeatures(kind.frontend(loaded.config, windows))
+
+
+def for_folder(folder: str, max_windows: int, dtype: str | None = None) -> WhisperFeatures | FrontendFeatures:
+  """`for_model` of a model folder, read without its weights (only its Whisper's, for LTU-AS)."""
+  manifest = model_folder.read_manifest(folder)
+  kinds.require(manifest["kind"], "extract_features --model", kinds.AUDIO_LLM, folder)
+  kind = kinds.get(manifest["kind"])
+  if kind.whisper_features:
+    return _extractor(os.path.join(folder, manifest["extra"].get("whisper", "")), dtype, max_windows)
+  config = model_folder.config_from_dict(kind.config, manifest["config"], f"{folder}/{model_folder.CONFIG_FILE}")
+  return FrontendFeatures(kind.frontend(config, max_windows))
 
 
 def store(
-  loaded: Loaded, cache_dir: str | os.PathLike, encoder: WhisperFeatures | None = None, max_windows: int | None = None
+  loaded: Loaded,
+  cache_dir: str | os.PathLike,
+  encoder: WhisperFeatures | FrontendFeatures | None = None,
+  max_windows: int | None = None,
 ) -> data.FeatureStore:
-  """The feature cache checked against an LTU-AS model's shape: `[layers, windows * 25, dim]`, up to
-  `max_windows` windows (default: the model's); with `encoder`, clips without a cached file are encoded."""
+  """The feature cache checked against the model's input shape (LTU-AS: `[layers, windows * 25, dim]`), up
+  to `max_windows` windows (default: the model's); with `encoder`, clips without a cached file are encoded."""
   config = loaded.config
   return data.FeatureStore(
     cache_dir,
-    shape=(config.feature_layers, config.audio_tokens, config.tltr.dim),
+    shape=config.feature_shape,
     encoder=encoder,
     max_windows=config.max_windows if max_windows is None else max_windows,
   )

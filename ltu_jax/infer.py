@@ -91,9 +91,9 @@ def hear(
   check_mode(mode)
   require_audio_llm(loaded)
   kind = kinds.get(loaded.kind)
-  whisper = features.load_whisper(features.whisper_folder(loaded), dtype)
   transcripts = audio_features = audio_mask = None
   if mode != "audio_only" and kind.uses_transcript:
+    whisper = features.load_whisper(features.whisper_folder(loaded), dtype)
     if whisper.tokenizer is None:
       raise ValueError(f"{whisper.folder} has no tokenizer to transcribe with; use --mode audio_only")
     transcripts = [clean_transcript(text) for text in transcribe.transcribe_batch(whisper, waveforms)]
@@ -101,8 +101,8 @@ def hear(
     extractor = features.for_model(loaded, max_windows, dtype)
     names = names or [f"clip {i}" for i in range(len(waveforms))]
     clips = extractor.clips([extractor.windows(w, name) for w, name in zip(waveforms, names)])
-    # float16 then float32, as a cached feature reaches the model (`FeatureStore`)
-    audio_features, audio_mask = data.pad_audio(clips, extractor.frontend.tokens(extractor.frontend.max_windows))
+    # in the cache's dtype (LTU-AS: float16), then float32, as a cached feature reaches the model (`FeatureStore`)
+    audio_features, audio_mask = data.pad_audio(clips, extractor.shape[1] * extractor.frontend.max_windows)
     audio_features = audio_features.astype(np.float32)
   return Heard(transcripts, audio_features, audio_mask)
 
@@ -277,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   check_arguments(cli, args)
   try:
     loaded = load_model(args.model, dtype=args.dtype)
-    features.whisper_folder(loaded)
+    features.check_folder(loaded)
   except (FileNotFoundError, ValueError) as error:
     cli.error(str(error))
   sampling, key = sampling_from_args(args, loaded), jax.random.key(args.seed)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from ltu_jax import data, frontend
 from ltu_jax.generate import LTU_AS_SAMPLING, WHISPER_SAMPLING, SamplingConfig
 from ltu_jax.models.llama import Llama, LlamaConfig
+from ltu_jax.models.ltu import Ltu, LtuConfig
 from ltu_jax.models.ltu_as import LtuAs, LtuAsConfig
 from ltu_jax.models.whisper import Whisper, WhisperConfig
 
@@ -40,6 +41,9 @@ class Kind:
   prompt: `(instruction, transcript or None) -> text` before the answer (`data.prompt`, the original's
     `alpaca_short`); None for kinds without prompts.
   uses_transcript: whether the prompt carries the clip's transcript (LTU-AS's `### Input:`).
+  whisper_features: whether the model reads the features of the Whisper folder it holds
+    (`extra["whisper"]`, LTU-AS), cached or computed before it; else it reads its front end's windows
+    (LTU's fbank) and encodes them itself.
   sampling: the default decoding settings.
   groups: trainable parameter groups, name → regular expression searched in a parameter's path
     (`llm/layers/attn/q_proj/lora_a`); the first group whose expression matches owns the parameter.
@@ -54,6 +58,7 @@ class Kind:
   frontend: Callable[[Any, int], frontend.Frontend] | None = None
   prompt: Callable[[str, str | None], str] | None = None
   uses_transcript: bool = False
+  whisper_features: bool = False
   sampling: SamplingConfig = SamplingConfig()
   groups: tuple[tuple[str, str], ...] = ()
 
@@ -64,6 +69,16 @@ class Kind:
 
 def _ltu_as_frontend(config: LtuAsConfig, max_windows: int) -> frontend.Frontend:
   return frontend.LtuAsWindows(n_mels=config.n_mels, max_windows=max_windows, tokens_per_window=config.audio_tokens)
+
+
+def _ltu_frontend(config: LtuConfig, max_windows: int) -> frontend.Frontend:
+  return frontend.LtuFbankWindows(
+    n_mels=config.encoder.mel_bins, max_windows=max_windows, tokens_per_window=config.audio_tokens,
+    window_frames=config.encoder.frames,
+  )
+
+
+AUDIO_LLM_GROUPS = (("audio_encoder", r"^audio_encoder\b"), ("audio_proj", r"^audio_proj\b"), ("lora", r"lora_[ab]$"))
 
 
 def _whisper_frontend(config: WhisperConfig, max_windows: int) -> frontend.Frontend:
@@ -103,8 +118,21 @@ KINDS: dict[str, Kind] = {
       frontend=_ltu_as_frontend,
       prompt=data.prompt,
       uses_transcript=True,
+      whisper_features=True,
       sampling=LTU_AS_SAMPLING,
-      groups=(("audio_encoder", r"^audio_encoder\b"), ("audio_proj", r"^audio_proj\b"), ("lora", r"lora_[ab]$")),
+      groups=AUDIO_LLM_GROUPS,
+    ),
+    Kind(
+      name="ltu",
+      described="LTU (Kaldi fbank, CAV-MAE and an LLM with LoRA)",
+      config=LtuConfig,
+      model=Ltu,
+      conversion="conversion.ltu",
+      abilities=frozenset({AUDIO_LLM}),
+      frontend=_ltu_frontend,
+      prompt=data.prompt,
+      sampling=LTU_AS_SAMPLING,  # LTU's evaluation samples as LTU-AS's (facts §1.9)
+      groups=AUDIO_LLM_GROUPS,
     ),
   )
 }

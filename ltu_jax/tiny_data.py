@@ -12,6 +12,7 @@ sound, open-ended), each asked in several paraphrases so the model has to read t
       audio/                 16 kHz mono 16-bit wavs, at most 30 s, named `{split}_{index}_{kind}_{hash}.wav`
       train.json             every question of the train clips (stage 3, the full mix)
       classification.json    the closed-ended classification questions of the train clips (stages 1 and 2)
+      closed.json            every closed-ended question of the train clips (LTU's stage 3)
       test.json              every question of the held-out clips, in its canonical (evaluation) wording
       transcripts.json       Whisper transcripts, cached per audio file (only with --transcriber)
 
@@ -235,7 +236,8 @@ SOUNDS = {
   ),
 }
 
-TASKS = ("asr", "gender", "speed", "pitch", "sound", "open-ended question")
+OPEN_ENDED = "open-ended question"
+TASKS = ("asr", "gender", "speed", "pitch", "sound", OPEN_ENDED)
 # LTU-AS's stages 1-2 train on closed-ended classification only (facts §3.2)
 CLASSIFICATION_TASKS = ("gender", "speed", "pitch", "sound")
 SPEECH_TASKS = ("asr", "gender", "speed", "pitch")
@@ -526,6 +528,7 @@ def build(
     rng = question_rng if clip.split == "train" else None
     splits[clip.split] += records(clip, path, transcripts.get(os.path.basename(path)), rng)
   splits["classification"] = [record for record in splits["train"] if record["task"] in CLASSIFICATION_TASKS]
+  splits["closed"] = [record for record in splits["train"] if record["task"] != OPEN_ENDED]
   for name, split in splits.items():
     with open(os.path.join(out_dir, f"{name}.json"), "w") as file:
       json.dump(split, file, indent=1)

@@ -83,6 +83,7 @@ ORDERS = {  # module: the same command with options first, between and last
     ["--llm", "L", "--whisper", "W", "SRC", "OUT"], ["SRC", "--llm", "L", "--whisper", "W", "OUT"],
     ["SRC", "OUT", "--llm", "L", "--whisper", "W"],
   ],
+  "conversion.ltu": [["--llm", "L", "SRC", "OUT"], ["SRC", "--llm", "L", "OUT"], ["SRC", "OUT", "--llm", "L"]],
   "conversion.llm": [["--dtype", "bfloat16", "SRC", "OUT"], ["SRC", "--dtype", "bfloat16", "OUT"], ["SRC", "OUT", "--dtype", "bfloat16"]],
   "conversion.whisper": [["--tokenizer", "T", "SRC", "OUT"], ["SRC", "--tokenizer", "T", "OUT"], ["SRC", "OUT", "--tokenizer", "T"]],
   "ltu_jax.pretrain_tltr": [

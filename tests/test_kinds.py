@@ -16,7 +16,7 @@ from ltu_jax.models.lora import LoRAConfig, LoRAParam
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Comparing a kind's name to a literal is the registry's business alone.
-KIND_DISPATCH = re.compile(r"""kind\s*[!=]=\s*["'](?:%s)["']|isinstance\([^)]*\b(?:Llama|LtuAs|Whisper)\b""" % "|".join(kinds.KINDS))
+KIND_DISPATCH = re.compile(r"""kind\s*[!=]=\s*["'](?:%s)["']|isinstance\([^)]*\b(?:Llama|LtuAs|Ltu|Whisper)\b""" % "|".join(kinds.KINDS))
 
 
 def test_no_kind_dispatch_outside_the_registry():
@@ -39,7 +39,7 @@ def test_a_command_names_what_the_folder_holds_and_how_to_make_what_it_needs():
   )
   with pytest.raises(ValueError, match="`transcribe` needs a Whisper model; .* convert one with python -m conversion.whisper"):
     kinds.require("ltu_as", "transcribe", kinds.TRANSCRIBES)
-  with pytest.raises(ValueError, match=r"unknown model kind 'ltu_x'; expected one of \['llama', 'ltu_as', 'whisper'\]"):
+  with pytest.raises(ValueError, match=r"unknown model kind 'ltu_x'; expected one of \['llama', 'ltu', 'ltu_as', 'whisper'\]"):
     kinds.get("ltu_x")
   assert kinds.require("ltu_as", "infer", kinds.AUDIO_LLM) is kinds.KINDS["ltu_as"]
 
@@ -53,6 +53,16 @@ def test_a_command_names_what_the_folder_holds_and_how_to_make_what_it_needs():
 ])
 def test_ltu_as_groups_are_path_expressions(path, group):
   assert kinds.get("ltu_as").group_of(path) == group
+
+
+@pytest.mark.parametrize("path, group", [
+  ("audio_encoder/blocks_a/attn/qkv/kernel", "audio_encoder"),
+  ("audio_encoder/pos_embed", "audio_encoder"),
+  ("audio_proj/bias", "audio_proj"),
+  ("llm/layers/self_attn/v_proj/lora_b", "lora"),
+])
+def test_ltu_has_the_same_groups(path, group):
+  assert kinds.get("ltu").group_of(path) == group
 
 
 def test_settings_that_name_unknown_groups_are_refused():

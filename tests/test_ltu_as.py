@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-import peft
 import pytest
 import torch
 import transformers
@@ -52,21 +51,7 @@ def build_reference(setup: dict):
   llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**setup["llm"], attn_implementation="eager"))
   dim = setup["whisper_dim"]
   tltr = torch_reference.TLTR(dim, setup["time_heads"], setup["layer_heads"])
-  with torch.no_grad():
-    for module in tltr.modules():  # random LayerNorm affines, so no mapping hides behind ones and zeros
-      if isinstance(module, torch.nn.LayerNorm):
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.normal_(0.0, 0.1)
-  torch_reference.attach_audio_modules(llama, tltr, dim)
-  lora = setup["lora"]
-  reference = peft.get_peft_model(
-    llama, peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=list(lora.targets))
-  ).eval()
-  with torch.no_grad():
-    for key, param in reference.named_parameters():
-      if "lora_B" in key:
-        param.normal_(0.0, 0.2)
-  return reference
+  return torch_reference.wrap_with_peft(llama, tltr, dim, setup["lora"])
 
 
 def our_config(setup: dict, reference) -> LtuAsConfig:

@@ -11,8 +11,10 @@ import pytest
 from flax import nnx
 
 from ltu_jax import sharding
+from ltu_jax.models.cav_mae import CavMaeConfig
 from ltu_jax.models.llama import LlamaConfig
 from ltu_jax.models.lora import LoRAConfig
+from ltu_jax.models.ltu import Ltu, LtuConfig
 from ltu_jax.models.ltu_as import LtuAs, LtuAsConfig
 from ltu_jax.models.tltr import TLTRConfig
 from ltu_jax.models.whisper import Whisper, WhisperConfig
@@ -31,6 +33,10 @@ MODELS = {
   "whisper": lambda: Whisper(WHISPER, rngs=nnx.Rngs(0)),
   "ltu_as": lambda: LtuAs(
     LtuAsConfig(llm=LLM, tltr=TLTRConfig(dim=32, mlp_dim=64), feature_layers=2, audio_tokens=3), rngs=nnx.Rngs(0)
+  ),
+  "ltu": lambda: Ltu(
+    LtuConfig(llm=LLM, encoder=CavMaeConfig(dim=32, heads=2, mlp_dim=64, audio_layers=2, mel_bins=32, frames=64)),
+    rngs=nnx.Rngs(0),
   ),
 }
 

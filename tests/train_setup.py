@@ -32,20 +32,25 @@ def tokenizer() -> transformers.PreTrainedTokenizerFast:
   )
 
 
-def build(root: str, records: int = 48, seed: int = 0) -> dict[str, str]:
-  """Writes llm/, whisper/, ltu_as/ model folders, train.json and features/ under `root`; returns their paths."""
+EXTRA = {"bos_token_id": 1, "eos_token_ids": [2], "pad_token_id": 0}
+
+
+def llm_folder(path: str, seed: int = 0) -> None:
+  """A random LLaMA of this tokenizer's vocabulary, with it and the special ids, as a model folder."""
   text = tokenizer()
   llm_config = LlamaConfig(
     vocab_size=len(text), hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2
   )
-  paths = {name: os.path.join(root, name) for name in ("llm", "whisper", "ltu_as", "features")}
   llm = Llama(llm_config, rngs=nnx.Rngs(seed))
   # A wider output layer than the 0.02 init: a frozen random LLM must be able to express confident text.
   llm.lm_head.kernel.set_value(llm.lm_head.kernel.get_value() * 25)
-  model_folder.save(
-    paths["llm"], llm, "llama",
-    extra={"bos_token_id": 1, "eos_token_ids": [2], "pad_token_id": 0}, tokenizer=text,
-  )
+  model_folder.save(path, llm, "llama", extra=EXTRA, tokenizer=text)
+
+
+def build(root: str, records: int = 48, seed: int = 0) -> dict[str, str]:
+  """Writes llm/, whisper/, ltu_as/ model folders, train.json and features/ under `root`; returns their paths."""
+  paths = {name: os.path.join(root, name) for name in ("llm", "whisper", "ltu_as", "features")}
+  llm_folder(paths["llm"], seed)
   whisper_config = WhisperConfig(
     num_mel_bins=80, d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32, decoder_layers=1,
     decoder_attention_heads=2, decoder_ffn_dim=32, vocab_size=30, max_source_positions=500, max_target_positions=16,

@@ -31,20 +31,108 @@ class LtuAsConfig:
   max_windows: int = 1  # 10 s windows a clip may fill (what the model was trained with; the release: 1)
   n_mels: int = 80  # mel bins of the Whisper whose features it reads
 
+  @property
+  def feature_shape(self) -> tuple[int, int, int]:
+    """One window's cached features `(layers, time, dim)` (`data.FeatureStore`)."""
+    return (self.feature_layers, self.audio_tokens, self.tltr.dim)
 
-class LtuAs(nnx.Module):
+
+class AudioPrefixLlm(nnx.Module):
+  """An LLM (`self.llm`) whose text follows a clip's audio tokens: LTU-AS and LTU. A subclass makes the
+  tokens (`audio_embeddings`) and says which are real (`audio_token_mask`); the sequence, positions,
+  masking, text-only logits and the decoding engine's protocol are this class's."""
+
+  llm: Llama
+
+  def init_projection_and_llm(self, audio_dim: int, audio_param_dtype: str, llm: LlamaConfig, rngs: nnx.Rngs) -> None:
+    """`audio_proj` of the releases: a LayerNorm without parameters (index 0), then Linear(audio_dim → LLM
+    width) (index 1); and the LLM."""
+    self.audio_norm = layers.layer_norm(audio_dim, eps=1e-5, affine=False, param_dtype=audio_param_dtype, rngs=rngs)
+    self.audio_proj = layers.linear(
+      audio_dim, llm.hidden_size, "audio_embed", "embed", bias=True, dtype=llm.dtype, param_dtype=llm.param_dtype,
+      rngs=rngs,
+    )
+    self.llm = Llama(llm, rngs=rngs)
+
+  def audio_embeddings(self, features: jax.Array) -> jax.Array:
+    """A batch's audio input → audio tokens `[batch, tokens, embed]`."""
+    raise NotImplementedError
+
+  def audio_token_mask(self, audio_mask: jax.Array) -> jax.Array:
+    """The mask over the audio input's time steps (what batching pads) → the mask over its tokens."""
+    return audio_mask
+
+  def __call__(
+    self,
+    features: jax.Array | None,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    cache: KVCache | None = None,
+    dropout_key: jax.Array | None = None,
+    audio_mask: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
+    """Text logits for audio features and token ids.
+
+    Args:
+      features: the audio input (LTU-AS: Whisper features `[batch, layers, windows * 25, whisper_dim]`;
+        LTU: fbank `[batch, 1, windows * 1024, 128]`), or None for text only (the original's `asr_only`
+        mode, and every decoding step after the first, when the audio is in the cache).
+      input_ids: `[batch, len]` text tokens (BOS first).
+      attention_mask: `[batch, len]`, 0 on padding.
+      cache: earlier keys and values; new audio and text are appended to it.
+      dropout_key: enables LoRA dropout (training).
+      audio_mask: `[batch, time]` over the features' time axis, 0 on the windows a shorter clip does not
+        fill; all ones when None.
+    Returns:
+      (float32 logits `[batch, len, vocab]` for the text positions, the updated cache or None).
+    """
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    embeds = self.llm.embed_tokens(input_ids)
+    mask = attention_mask
+    num_audio = 0
+    if features is not None:
+      audio = self.audio_embeddings(features).astype(embeds.dtype)
+      num_audio = audio.shape[1]
+      embeds = jnp.concatenate([audio, embeds], axis=1)
+      token_mask = jnp.ones(audio.shape[:2], attention_mask.dtype)
+      if audio_mask is not None:
+        token_mask = self.audio_token_mask(audio_mask).astype(attention_mask.dtype)
+      mask = jnp.concatenate([token_mask, attention_mask], axis=1)
+    past = 0 if cache is None else jnp.sum(cache.valid, axis=-1, keepdims=True)
+    positions = past + layers.sequence_positions(mask)
+    hidden, cache = self.llm.hidden(embeds, mask, positions, cache, dropout_key)
+    return self.llm.logits(hidden[:, num_audio:]), cache
+
+  # The decoding engine's protocol (`ltu_jax.generate`): the audio goes in with the prompt, then text only.
+  def init_cache(self, batch: int, max_len: int) -> KVCache:
+    return self.llm.init_cache(batch, max_len)
+
+  def context_tokens(self, audio) -> int:
+    """Cache slots the audio takes: its tokens."""
+    features = audio[0] if isinstance(audio, tuple) else audio
+    return self.audio_token_count(features.shape[2])
+
+  def audio_token_count(self, time: int) -> int:
+    """Audio tokens of features with `time` steps."""
+    return time
+
+  def prefill(self, audio, input_ids, attention_mask, cache):
+    """`audio`: features, `(features, audio_mask)` or None (text only); returns (logits, cache, None)."""
+    features, audio_mask = audio if isinstance(audio, tuple) else (audio, None)
+    logits, cache = self(features, input_ids, attention_mask, cache, audio_mask=audio_mask)
+    return logits, cache, None
+
+  def decode_step(self, context, input_ids, cache):
+    del context
+    return self(None, input_ids, jnp.ones_like(input_ids), cache)
+
+
+class LtuAs(AudioPrefixLlm):
   def __init__(self, config: LtuAsConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.audio_encoder = TLTR(config.tltr, rngs=rngs)
-    # LayerNorm without parameters, then Linear(whisper width → LLM width): `audio_proj.1` in the release.
-    self.audio_norm = layers.layer_norm(
-      config.tltr.dim, eps=1e-5, affine=False, param_dtype=config.tltr.param_dtype, rngs=rngs
-    )
-    self.audio_proj = layers.linear(
-      config.tltr.dim, config.llm.hidden_size, "audio_embed", "embed", bias=True,
-      dtype=config.llm.dtype, param_dtype=config.llm.param_dtype, rngs=rngs,
-    )
-    self.llm = Llama(config.llm, rngs=rngs)
+    self.init_projection_and_llm(config.tltr.dim, config.tltr.param_dtype, config.llm, rngs)
 
   def audio_embeddings(self, features: jax.Array) -> jax.Array:
     """Whisper features `[batch, layers, windows * audio_tokens, whisper_dim]` → audio tokens
@@ -60,68 +148,6 @@ class LtuAs(nnx.Module):
     per_window = features.reshape(batch, num_layers, windows, c.audio_tokens, dim).swapaxes(1, 2)
     encoded = self.audio_encoder(per_window.reshape(batch * windows, num_layers, c.audio_tokens, dim))
     return self.audio_proj(self.audio_norm(encoded.reshape(batch, time, dim)))
-
-  def __call__(
-    self,
-    features: jax.Array | None,
-    input_ids: jax.Array,
-    attention_mask: jax.Array | None = None,
-    cache: KVCache | None = None,
-    dropout_key: jax.Array | None = None,
-    audio_mask: jax.Array | None = None,
-  ) -> tuple[jax.Array, KVCache | None]:
-    """Text logits for audio features and token ids.
-
-    Args:
-      features: `[batch, layers, windows * 25, whisper_dim]`, or None for text only (the original's
-        `asr_only` mode, and every decoding step after the first, when the audio is in the cache).
-      input_ids: `[batch, len]` text tokens (BOS first).
-      attention_mask: `[batch, len]`, 0 on padding.
-      cache: earlier keys and values; new audio and text are appended to it.
-      dropout_key: enables LoRA dropout (training).
-      audio_mask: `[batch, windows * 25]`, 0 on the tokens of windows a shorter clip does not fill; all
-        ones when None.
-    Returns:
-      (float32 logits `[batch, len, vocab]` for the text positions, the updated cache or None).
-    """
-    if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    embeds = self.llm.embed_tokens(input_ids)
-    mask = attention_mask
-    num_audio = 0
-    if features is not None:
-      audio = self.audio_embeddings(features).astype(embeds.dtype)
-      num_audio = audio.shape[1]
-      embeds = jnp.concatenate([audio, embeds], axis=1)
-      if audio_mask is None:
-        audio_mask = jnp.ones(audio.shape[:2], attention_mask.dtype)
-      mask = jnp.concatenate([audio_mask.astype(attention_mask.dtype), attention_mask], axis=1)
-    past = 0 if cache is None else jnp.sum(cache.valid, axis=-1, keepdims=True)
-    positions = past + layers.sequence_positions(mask)
-    hidden, cache = self.llm.hidden(embeds, mask, positions, cache, dropout_key)
-    return self.llm.logits(hidden[:, num_audio:]), cache
-
-  # The decoding engine's protocol (`ltu_jax.generate`): the audio goes in with the prompt, then text only.
-  def init_cache(self, batch: int, max_len: int) -> KVCache:
-    return self.llm.init_cache(batch, max_len)
-
-  def context_tokens(self, audio) -> int:
-    """Cache slots the audio takes: its tokens, `windows * audio_tokens`."""
-    return (audio[0] if isinstance(audio, tuple) else audio).shape[2]
-
-  def prefill(self, audio, input_ids, attention_mask, cache):
-    """`audio`: features, `(features, audio_mask)` or None (text only); returns (logits, cache, None)."""
-    features, audio_mask = audio if isinstance(audio, tuple) else (audio, None)
-    logits, cache = self(features, input_ids, attention_mask, cache, audio_mask=audio_mask)
-    return logits, cache, None
-
-  def decode_step(self, context, input_ids, cache):
-    del context
-    return self(None, input_ids, jnp.ones_like(input_ids), cache)
-
-  def for_decoding(self) -> Decoding:
-    """This model with its LLM in the decoding layout: after the prefill, a step is the LLM's alone."""
-    return Decoding(self, self.llm)
 
 
 def text_loss_mask(attention_mask: jax.Array, prompt_lengths: jax.Array | None, train_on_inputs: bool) -> jax.Array:
