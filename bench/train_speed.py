@@ -12,7 +12,9 @@ same work: a transformers `LlamaForCausalLM` with peft LoRA on q, v, the TLTR an
 `tests.torch_reference`, only the stage's parameters trainable, fp32 with denormals flushed to zero
 (as XLA on CPU does), the original's forward (`ltu_as_forward`) and backward on every micro-batch, then
 `AdamW.step`. The two take turns step by step, so a slow spell of a shared machine slows both; the
-ratio is PyTorch's seconds per step over ours (above 1: we are faster).
+ratio is PyTorch's seconds per step over ours (above 1: we are faster). Beside it, each side's model FLOPs
+utilisation: the step's matmul FLOPs (`step_flops`) over its time, as a share of the matmul peak that the
+same process measures first (a 4096² fp32 GEMM, median of 5 after a warm-up, in each framework).
 
 Sizes come from `cache/models/ltu_as-tiny` when the tiny pipeline has converted it, else from the
 embedded default below (the same sizes); weights are random either way, speed does not depend on them.
@@ -31,6 +33,7 @@ from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -47,6 +50,7 @@ from ltu_jax.models.lora import LoRAConfig  # noqa: E402
 from ltu_jax.models.ltu_as import LtuAs, LtuAsConfig  # noqa: E402
 from ltu_jax.models.tltr import TLTRConfig  # noqa: E402
 from tests import torch_reference  # noqa: E402
+import timing  # noqa: E402
 
 EMBEDDED_DEFAULT = LtuAsConfig(  # Whisper tiny.en (4 blocks of 384) under SmolLM2-135M, as conversion.ltu_as composes them
   llm=LlamaConfig(
@@ -88,6 +92,38 @@ def random_batch(config: LtuAsConfig, accum: int, micro: int, text_len: int, see
     "attention_mask": np.ones(shape, np.int32),
     "loss_mask": np.ones(shape, bool),
   }
+
+
+def step_flops(config: LtuAsConfig, rows: int, text_len: int) -> float:
+  """Matmul FLOPs (2 per multiply-add) of one training step over `rows` rows of audio + `text_len` tokens.
+
+  The forward pass of the LLM's blocks over every token (projections, MLP, and attention's two matmuls over
+  the whole row, as computed) and of its output head over the text tokens; the backward pass costs as much
+  again, for the gradients of the activations. Frozen weights need no gradient of their own, and those of
+  the trainable ones (the projection, TLTR, the rank-8 adapters), like TLTR's forward, are under 1% of it at
+  these sizes: left out. So about 4 × LLM parameters × tokens.
+  """
+  llm = config.llm
+  tokens = config.audio_tokens + text_len
+  attention_width = llm.num_heads * llm.head_size
+  kv_width = llm.num_kv_heads * llm.head_size
+  block_weights = llm.hidden_size * (2 * attention_width + 2 * kv_width) + 3 * llm.hidden_size * llm.intermediate_size
+  per_row = llm.num_layers * (2 * block_weights * tokens + 2 * 2 * tokens * tokens * attention_width)
+  per_row += 2 * llm.hidden_size * llm.vocab_size * text_len
+  return 2 * rows * per_row
+
+
+def matmul_peak(framework: str, repeats: int = 5) -> float:
+  """FLOP/s of a 4096² fp32 matmul in `framework` ("jax" or "torch"), median of `repeats` after a warm-up."""
+  size = 4096
+  if framework == "jax":
+    matrix = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    times = timing.timed(lambda: matmul(matrix, matrix).block_until_ready(), repeats, warm_up=True)
+  else:
+    matrix = torch.randn(size, size)
+    times = timing.timed(lambda: matrix @ matrix, repeats, warm_up=True)
+  return 2 * size**3 / statistics.median(times)
 
 
 def seconds_per_step(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
@@ -191,7 +227,10 @@ def main() -> None:
   config, source = tiny_config()
   print(f"jax {jax.__version__} on {len(jax.devices())} {jax.devices()[0].platform} device(s), torch {torch.__version__} "
         f"with {torch.get_num_threads()} threads; sizes from {source}; {config.audio_tokens} audio + {args.text} text tokens")
-  print(f"{'config':12s} {'batch':>9s} {'compile s':>9s} {'step s':>7s} {'samples/s':>9s} {'tokens/s':>9s} {'torch s':>8s} {'torch/ours':>10s}")
+  peaks = {framework: matmul_peak(framework) for framework in (["jax"] if args.no_torch else ["jax", "torch"])}
+  print("matmul peak (4096² fp32): " + ", ".join(f"{name} {peak * 1e-9:.0f} GFLOP/s" for name, peak in peaks.items()))
+  header = f"{'config':12s} {'batch':>9s} {'compile s':>9s} {'GFLOP':>6s} {'step s':>7s} {'samples/s':>9s} {'tokens/s':>9s} {'MFU':>5s}"
+  print(header + ("" if args.no_torch else f" {'torch s':>8s} {'torch MFU':>9s} {'torch/ours':>10s}"))
   for name in args.configs:
     c = train.load_config(name, args.set)
     model_config = for_training(config, c)
@@ -202,10 +241,12 @@ def main() -> None:
     compile_s, step = ours(model_config, c, batch)
     steps = {"ours": step} if args.no_torch else {"ours": step, "torch": pytorch(model_config, c, batch)}
     seconds = seconds_per_step(steps, args.steps)
-    row = f"{name:12s} {f'{accum}×{micro}':>9s} {compile_s:9.1f} {seconds['ours']:7.2f} {samples / seconds['ours']:9.2f} "
-    row += f"{samples * (config.audio_tokens + args.text) / seconds['ours']:9.0f}"
+    flops = step_flops(model_config, samples, args.text)
+    mfu = {side: flops / seconds[side] / peaks["jax" if side == "ours" else "torch"] for side in seconds}
+    row = f"{name:12s} {f'{accum}×{micro}':>9s} {compile_s:9.1f} {flops * 1e-9:6.0f} {seconds['ours']:7.2f} "
+    row += f"{samples / seconds['ours']:9.2f} {samples * (config.audio_tokens + args.text) / seconds['ours']:9.0f} {mfu['ours']:5.0%}"
     if "torch" in seconds:
-      row += f" {seconds['torch']:8.2f} {seconds['torch'] / seconds['ours']:10.2f}"
+      row += f" {seconds['torch']:8.2f} {mfu['torch']:9.0%} {seconds['torch'] / seconds['ours']:10.2f}"
     print(row, flush=True)
 
 

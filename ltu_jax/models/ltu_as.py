@@ -172,8 +172,11 @@ def lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tu
   Returns:
     (mean loss, number of target tokens).
   """
-  targets = input_ids[:, 1:]
-  weights = loss_mask[:, 1:].astype(jnp.float32)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), targets)
+  # Position t predicts token t + 1. The last position has no target: it gets weight 0 (and a stand-in
+  # label) rather than being sliced off, since `logits[:, :-1]` copies the whole `[batch, len - 1, vocab]`
+  # (50 MB for a tiny training micro-batch) while the loss reads the logits where they are.
+  targets = jnp.concatenate([input_ids[:, 1:], input_ids[:, -1:]], axis=1)
+  weights = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1).astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   count = weights.sum()
   return (losses * weights).sum() / jnp.maximum(count, 1.0), count
