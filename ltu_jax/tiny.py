@@ -6,7 +6,7 @@
 3. Scores the untrained LTU-AS on the held-out split; pretrains its TLTR to tag the training clips
    (`ltu_jax.pretrain_tltr`: the release starts from Whisper-AT's pretrained TL-TR, which stage 1 keeps
    frozen); trains the curriculum tiny_stage1 → 2 → 3; scores the trained model and prints both side
-   by side.
+   by side, both readings (embedding and keywords) and the multiple-choice split.
 
 Every step that already has its output is skipped, so a re-run resumes; `--fresh` starts over, deleting
 only what the demo writes (`outputs()`): other files in cache/ and runs/ are kept.
@@ -31,7 +31,8 @@ from ltu_jax import extract_features, generate, model_folder, pretrain_tltr, tin
 
 STAGES = ("tiny_stage1", "tiny_stage2", "tiny_stage3")
 REPORT = f"{tiny.RUNS}/tiny_report.md"
-PREDICTIONS = f"{tiny.RUNS}/tiny_predictions_{{}}.jsonl"  # untrained, trained
+EVAL_DIR = f"{tiny.RUNS}/tiny_eval"  # one `eval --out` folder per model and split: {untrained,trained}_{split}
+SPLITS = {"test": "held-out questions", "test_choices": "multiple choice, MMAU's format"}
 # Answers of the tiny set are one short sentence; the untrained model would ramble to the limit.
 EVAL_SAMPLING = generate.SamplingConfig(max_new_tokens=40, repetition_penalty=1.1)
 
@@ -100,12 +101,22 @@ def tagged_tltr(scale: Scale) -> None:
     print(f"TLTR tagging, held-out accuracy {when}: " + ", ".join(f"{k} {v:.0%}" for k, v in values.items()), file=sys.stderr)
 
 
-def scores(model: str, name: str, limit: int | None) -> dict[str, evaluation.Score]:
-  step(f"answering the held-out split with the {name} model ({model})")
-  return evaluation.evaluate(
-    model, os.path.join(tiny.DATA, "test.json"), tiny.FEATURES, out=PREDICTIONS.format(name),
-    sampling=EVAL_SAMPLING, limit=limit,
-  )
+def scores(model: str, name: str, limit: int | None) -> dict[str, dict[str, evaluation.TaskScore]]:
+  """The model's scores on each of SPLITS (resuming an earlier run's answers)."""
+  step(f"answering the held-out splits with the {name} model ({model})")
+  return {
+    split: evaluation.evaluate(
+      model, os.path.join(tiny.DATA, f"{split}.json"), tiny.FEATURES, out=os.path.join(EVAL_DIR, f"{name}_{split}"),
+      labels=os.path.join(tiny.DATA, "labels.json"), sampling=EVAL_SAMPLING, limit=limit,
+    )
+    for split in SPLITS
+  }
+
+
+def report(before: dict[str, dict[str, evaluation.TaskScore]], after: dict[str, dict[str, evaluation.TaskScore]]) -> str:
+  """The demo's report: per split, each task's scores (both readings) before and after training."""
+  parts = [f"## {title} ({split}.json)\n\n{evaluation.compare(before[split], after[split])}" for split, title in SPLITS.items()]
+  return "# LTU-AS on the tiny held-out split, untrained (before) vs trained (after)\n\n" + "\n\n".join(parts)
 
 
 def curriculum(scale: Scale) -> str:
@@ -124,7 +135,7 @@ def outputs() -> list[str]:
   # conversion.llm's scratch folder beside its output, left behind only by a killed conversion
   scratch = glob.glob(os.path.join(os.path.dirname(tiny.LLM), f".{os.path.basename(tiny.LLM)}-*"))
   stages = [f"{tiny.RUNS}/{name}" for name in STAGES]
-  return [*models, *scratch, tiny.DATA, *stages, REPORT, *(PREDICTIONS.format(name) for name in ("untrained", "trained"))]
+  return [*models, *scratch, tiny.DATA, *stages, REPORT, EVAL_DIR]
 
 
 def remove_outputs() -> None:
@@ -172,11 +183,11 @@ def main(argv: list[str] | None = None) -> None:
   tagged_tltr(scale)
   trained = curriculum(scale)
   after = scores(trained, "trained", scale.limit)
-  report = evaluation.compare(before, after)
+  text = report(before, after)
   os.makedirs(os.path.dirname(REPORT), exist_ok=True)
   with open(REPORT, "w") as f:
-    f.write(report + "\n")
-  print(f"\nLTU-AS on the held-out split, untrained vs trained ({REPORT}):\n{report}")
+    f.write(text + "\n")
+  print(f"\n{REPORT}:\n\n{text}")
 
 
 if __name__ == "__main__":

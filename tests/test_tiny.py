@@ -26,7 +26,15 @@ def test_smoke_run_goes_end_to_end(tmp_path):
     assert os.path.isfile(tmp_path / f"runs/tiny_stage{stage}/model/ltu_jax.json")
   assert os.path.isfile(tmp_path / "cache/models/ltu_as-tiny-tagged/ltu_jax.json")
   for name in ("untrained", "trained"):
-    assert len(open(tmp_path / f"runs/tiny_predictions_{name}.jsonl").readlines()) == tiny.SMOKE.limit
+    for split in tiny.SPLITS:
+      out = tmp_path / tiny.EVAL_DIR / f"{name}_{split}"
+      assert len(open(out / "predictions.jsonl").readlines()) == tiny.SMOKE.limit
+      assert {"summary.md", "summary.json", "scores.png"} <= set(os.listdir(out))
   report = open(tmp_path / "runs/tiny_report.md").read()
-  assert "before" in report and "after" in report
-  assert report in result.stdout
+  assert report.strip() in result.stdout
+  # both readings of the held-out split, and the multiple-choice accuracy, before and after training
+  held_out, choices = report.split("## ")[1:]
+  header = "| task | n | metric | before | after | chance |"
+  assert all(header in " ".join(part.split()) for part in (held_out, choices))
+  assert "accuracy (embedding) %" in held_out and "accuracy (keywords) %" in held_out and "WER %" in held_out
+  assert "test_choices.json" in choices and "accuracy %" in choices
