@@ -20,6 +20,7 @@ from flax import nnx
 from ltu_jax import audio, data, generate, infer, model_folder, tiny_data, train, transcribe
 from ltu_jax import eval as ltu_eval
 from ltu_jax.eval import run as eval_run
+from ltu_jax.eval import tasks as eval_tasks
 from ltu_jax.generate import LTU_AS_SAMPLING, SamplingConfig
 from ltu_jax.models.whisper import Whisper
 from tests import train_setup
@@ -81,6 +82,18 @@ def test_records(parts, wavs):
   clips = tiny_data.plan_clips(0, 0, TEST_CLIPS)
   audio_ids = cached[: TEST_CLIPS - 1] + [wavs[0]]
   records = [r for clip, audio_id in zip(clips, audio_ids) for r in tiny_data.records(clip, audio_id, None, None)]
+  # the protocols tiny_data has no task for: age, captions, multiple choice given as LTU records
+  more = [
+    ("age", "How old is the speaker?", "The speaker is about 30 years old.", {"label": 30}),
+    ("age", "How old is the speaker?", "Between 40 and 50.", {}),
+    ("audio caption", "Write an audio caption.", "A bell rings twice.", {"references": ["A bell rings twice.", "Bells ring."]}),
+    ("audio caption", "Write an audio caption.", "A man speaks.", {}),
+    ("quiz", "Which? Choose one: (A) bell (B) siren.", "bell", {"choices": ["bell", "siren"]}),
+  ]
+  records += [
+    {"instruction": question, "input": "", "output": output, "audio_id": cached[i], "task": task, **extra}
+    for i, (task, question, output, extra) in enumerate(more)
+  ]
   path = os.path.join(parts["root"], "test.json")
   with open(path, "w") as f:
     json.dump(records, f)
@@ -124,6 +137,7 @@ def test_eval_writes_the_original_format(loaded, parts, test_records, tmp_path, 
   assert summary["tasks"]["speed"]["metrics"] == scores["speed"].metrics
   # The same answers again, greedy: the written predictions score as `evaluate` reported.
   assert ltu_eval.score(records, [row["pred"] for row in rows], embedder) == scores
+  assert {s.protocol for s in scores.values()} == set(eval_tasks.PROTOCOLS)  # every protocol, end to end
 
 
 def test_eval_scores_reference_answers_perfectly(loaded, parts, test_records, monkeypatch, embedder):
