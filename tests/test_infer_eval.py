@@ -254,6 +254,28 @@ def test_eval_on_an_mmau_file_reports_per_category_resumes_and_skips_bad_clips(p
     ltu_eval.main([*argv, "--skip-bad", "--max-new-tokens", str(NEW_TOKENS + 1)])
 
 
+def test_eval_transcribes_the_clips_of_items_without_a_transcript_once(loaded, parts, wavs, tmp_path, monkeypatch, embedder):
+  items = [
+    {"id": i, "audio_id": os.path.basename(wav), "question": "Which?", "choices": ["speech", "tone"], "answer": answer, "task": "sound"}
+    for i, (wav, answer) in enumerate(zip(wavs, ["speech", "tone"]))
+  ]
+  path = tmp_path / "mmau.json"
+  path.write_text(json.dumps(items + [{**items[0], "id": 2, "question": "Again?"}]))
+  heard = []
+  transcribe_batch = transcribe.transcribe_batch
+  monkeypatch.setattr(transcribe, "transcribe_batch", lambda whisper, waveforms: heard.append(len(waveforms)) or transcribe_batch(whisper, waveforms))
+  out = tmp_path / "out"
+  options = dict(out=out, audio_dir=parts["root"], sampling=GREEDY, progress=False, embedder=embedder)
+  scores = ltu_eval.evaluate(loaded, path, parts["features"], **options)
+  assert heard == [2] and scores["sound"].n == 3  # the two clips in one batch, each once
+  transcripts = json.load(open(out / "transcripts.json"))
+  assert set(transcripts) == set(wavs) and all(isinstance(t, str) for t in transcripts.values())
+  (out / "predictions.jsonl").write_text("")  # answered anew, from the kept transcripts
+  assert ltu_eval.evaluate(loaded, path, parts["features"], **options) == scores and heard == [2]
+  ltu_eval.evaluate(loaded, path, parts["features"], **{**options, "out": tmp_path / "audio_only"}, mode="audio_only")
+  assert heard == [2]  # audio_only: no prompt transcript, no transcription
+
+
 # ---------------------------------------------------------------------------------------------------
 # infer
 

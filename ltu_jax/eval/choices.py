@@ -70,8 +70,9 @@ def _item_problem(item: Any) -> str | None:
 def records(
   path: str, items: list[Any], audio_dir: str | None, skip_bad: bool = False
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-  """The items as LTU records (`instruction` = `prompt`, `output` = the right choice, `choices` kept),
-  and (item, why) for each bad one; a bad item raises `ValueError` naming it unless `skip_bad`."""
+  """The items as LTU records (`instruction` = `prompt`, `output` = the right choice, `choices` kept;
+  `input` the item's transcript, None without one: `run.fill_transcripts`), and (item, why) for each bad
+  one; a bad item raises `ValueError` naming it unless `skip_bad`."""
   converted, bad = [], []
   for index, item in enumerate(items):
     problem = _item_problem(item)
@@ -88,7 +89,7 @@ def records(
       choices, answer, task = [item[key] for key in AIR_BENCH_CHOICES], item["answer_gt"], item.get("task_name", "multiple choice")
       audio_id = _audio_path(os.path.join(f"{task}_{item.get('dataset_name', '')}", item["path"]), audio_dir)
     converted.append({
-      "instruction": prompt(item["question"], choices), "input": item.get("input", ""), "output": answer,
+      "instruction": prompt(item["question"], choices), "input": item.get("input"), "output": answer,
       "audio_id": audio_id, "task": task, "choices": choices, "id": item.get("id", item.get("uniq_id", index)),
     })
   return converted, bad

@@ -14,6 +14,8 @@ OUT_DIR gets:
   summary.json        the same, with the run's settings and the items left out
   scores.png          a bar chart of each task's headline score
   run.json            the model, data and decoding settings that the predictions belong to
+  transcripts.json    Whisper's transcripts of the clips whose items carry none (MMAU's, AIR-Bench's), for
+                      the prompt of a model that takes one (LTU-AS, unless --mode audio_only)
 A rerun with the same OUT_DIR answers only the questions that predictions.jsonl lacks (sampled answers use
 the key of their new batch); a different model, data file or decoding setting there is refused.
 """
@@ -31,14 +33,15 @@ from typing import Any, Callable, Sequence
 import jax
 from tqdm import tqdm
 
-from ltu_jax import data, infer, model_folder
+from ltu_jax import audio, data, infer, kinds, model_folder, transcribe
 from ltu_jax import features as audio_features
 from ltu_jax.eval import choices, embedding, report, tasks
 from ltu_jax.eval.embedding import Embedder
 from ltu_jax.generate import SamplingConfig
 from ltu_jax.model_folder import Loaded
 
-PREDICTIONS, RUN = "predictions.jsonl", "run.json"
+PREDICTIONS, RUN, TRANSCRIPTS = "predictions.jsonl", "run.json", "transcripts.json"
+TRANSCRIBE_BATCH = 8  # clips per Whisper call
 
 
 def feature_store(
@@ -104,6 +107,43 @@ def prediction_row(record: dict[str, Any], prediction: str) -> dict[str, Any]:
     "prompt": record["instruction"], "pred": prediction, "ref": record["output"], "audio_id": record["audio_id"],
     "task": record.get("task", ""),
   }
+
+
+def fill_transcripts(
+  loaded: Loaded, records: Sequence[dict[str, Any]], mode: str, out: str | None, bad: list[tuple[str, str]] | None
+) -> None:
+  """Sets the `input` of records without one (multiple-choice items carry no transcript) to the clip's
+  transcript by the folder's Whisper, as `infer` does, where the model's prompt has one (else to "").
+  Transcripts are kept in `out`/transcripts.json for a rerun. A clip that cannot be read raises
+  `AudioError`, or with `bad` given is added to it (audio id, why) and its records keep None."""
+  need = [r for r in records if r["input"] is None]
+  if not need or mode == "audio_only" or not kinds.get(loaded.kind).uses_transcript:
+    for record in need:
+      record["input"] = ""
+    return
+  cache_file = None if out is None else os.path.join(out, TRANSCRIPTS)
+  cache = {}
+  if cache_file is not None and os.path.isfile(cache_file):
+    with open(cache_file, encoding="utf-8") as f:
+      cache = json.load(f)
+  clips = [a for a in dict.fromkeys(r["audio_id"] for r in need) if a not in cache]
+  whisper = audio_features.load_whisper(audio_features.whisper_folder(loaded)) if clips else None
+  for start in tqdm(range(0, len(clips), TRANSCRIBE_BATCH), desc="transcribing", file=sys.stderr, disable=not clips):
+    waveforms = {}
+    for audio_id in clips[start : start + TRANSCRIBE_BATCH]:
+      try:
+        waveforms[audio_id] = audio.load_audio(audio_id)
+      except (audio.AudioError, FileNotFoundError) as error:
+        if bad is None:
+          raise
+        bad.append((audio_id, str(error)))
+    texts = transcribe.transcribe_batch(whisper, list(waveforms.values())) if waveforms else []
+    cache.update((audio_id, infer.clean_transcript(text)) for audio_id, text in zip(waveforms, texts))
+    if cache_file is not None:
+      with open(cache_file, "w", encoding="utf-8") as f:
+        json.dump(cache, f, indent=1, ensure_ascii=False)
+  for record in need:
+    record["input"] = cache.get(record["audio_id"])
 
 
 def read_data(
@@ -214,6 +254,11 @@ def evaluate(
       bad_clips.append((audio_id, problem))
     left_out = {audio_id for audio_id, _ in bad_clips}
     missing = [r for r in missing if r["audio_id"] not in left_out]
+  try:
+    fill_transcripts(loaded, missing, mode, out, bad_clips if skip_bad else None)
+  except (audio.AudioError, FileNotFoundError) as error:
+    raise data.DataError(f"{data_path}: {error}") from error
+  missing = [r for r in missing if r["input"] is not None]
 
   def append(chunk: list[dict[str, Any]], chunk_answers: list[str]) -> None:
     with open(os.path.join(out, PREDICTIONS), "a", encoding="utf-8") as f:
