@@ -242,7 +242,8 @@ def evaluate(
       json.dump(settings, f, indent=1)
   missing = [r for r, a in zip(records, answers) if a is None]
   if progress:
-    print(f"answering {len(missing)} of {len(records)} questions ({len(records) - len(missing)} already in {out})", file=sys.stderr)
+    resumed = f" ({len(records) - len(missing)} already in {out})" if out is not None else ""
+    print(f"answering {len(missing)} of {len(records)} questions{resumed}", file=sys.stderr)
   store, bad_clips = None, []
   if mode != "asr_only" and missing:
     store = feature_store(loaded, missing, features, max_windows)
