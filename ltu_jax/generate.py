@@ -12,7 +12,9 @@ Prefill and the decode loop are one jitted function (a `while_loop`: one dispatc
 trip per token, and it stops once every row has ended). Its shapes come from a short fixed list: the batch
 is padded up to one of `BATCH_BUCKETS` (copies of the first row, which never keep the loop running) and
 the prompt is left-padded to a power of two (`prompt_bucket`), so a long evaluation compiles once per
-bucket used, not once per batch. `compilations()` counts the traces.
+bucket used, not once per batch. `compilations()` counts the traces. `stream` decodes the same tokens one
+at a time for a caller that shows them as they come (the demo): a jitted prefill, then a jitted step per
+token, both compiled once per bucket.
 
 The next token is chosen as Hugging Face `generate` chooses it: suppressed tokens removed (Whisper's
 suppress lists), repetition penalty on every token already in the prompt or the output, then (when
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +39,8 @@ _traces = 0
 
 
 def compilations() -> int:
-  """How many times the engine has traced (so compiled) its decode function in this process."""
+  """How many times the engine has traced (so compiled) its decode functions in this process: `generate`'s
+  prefill and loop count one, `stream`'s prefill and step one each."""
   return _traces
 
 
@@ -116,45 +119,147 @@ def generate(
   Returns:
     The new tokens of each row, in the order given.
   """
-  if sampling.do_sample and key is None:
-    raise ValueError("sampling needs a random key: pass key=jax.random.key(seed)")
-  input_ids = np.asarray(input_ids, np.int32)
-  attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
-  key = jax.random.key(0) if key is None else key
-  vocab_masks = None if suppress is None else tuple(jnp.asarray(m, bool) for m in suppress)
-  batch, limit = len(input_ids), BATCH_BUCKETS[-1]
+  request = _Request.of(input_ids, attention_mask, context, sampling, eos_ids, pad_id, key, suppress)
   chunks = []
-  for start in range(0, batch, limit):
-    rows = slice(start, start + limit)
-    chunk_context = jax.tree.map(lambda x: x[rows], context)
-    chunk_key = key if start == 0 else jax.random.fold_in(key, start)
-    chunks.append(_bucketed(model, input_ids[rows], attention_mask[rows], chunk_context, chunk_key, sampling,
-                            tuple(eos_ids), pad_id, vocab_masks))
+  for start in range(0, len(request.input_ids), BATCH_BUCKETS[-1]):
+    chunk = request.rows(slice(start, start + BATCH_BUCKETS[-1]))
+    chunk = chunk if start == 0 else dataclasses.replace(chunk, key=jax.random.fold_in(request.key, start))
+    padded, batch = chunk.bucketed()
+    out = _generate(model, padded.context, padded.input_ids, padded.attention_mask, padded.active, padded.key,
+                    padded.suppress, padded.sampling, padded.eos_ids, padded.pad_id)
+    chunks.append((out.tokens[:batch], out.lengths[:batch]))
   return Generated(*(jnp.concatenate(parts) for parts in zip(*chunks)))
 
 
-def _bucketed(model, input_ids, attention_mask, context, key, sampling, eos_ids, pad_id, suppress) -> Generated:
-  """Pads one batch into its bucket (rows copied from the first, left padding to the prompt bucket),
-  decodes it, and returns the real rows."""
-  batch, length = input_ids.shape
-  extra_rows, extra_columns = batch_bucket(batch) - batch, prompt_bucket(length) - length
+def stream(
+  model: nnx.Module,
+  input_ids: ArrayLike,
+  attention_mask: ArrayLike | None = None,
+  *,
+  context: Any = None,
+  sampling: SamplingConfig = SamplingConfig(),
+  eos_ids: Sequence[int] = (),
+  pad_id: int = 0,
+  key: jax.Array | None = None,
+  suppress: tuple[ArrayLike, ArrayLike] | None = None,
+) -> Iterator[Generated]:
+  """`generate` one token at a time, for a caller that shows the text as it grows (the demo).
 
-  def pad_rows(x):
-    x = jnp.asarray(x)
-    return jnp.concatenate([x, jnp.repeat(x[:1], extra_rows, axis=0)]) if extra_rows else x
+  Takes `generate`'s arguments, for at most `BATCH_BUCKETS[-1]` rows, and gives the same tokens (the same
+  buckets, prefill, sampling keys and stopping rule), but the loop runs here: a jitted prefill, then a
+  jitted step per token, each compiled once per bucket. Yields, after each new token, a `Generated` of
+  numpy arrays: the tokens so far `[batch, step]` (`pad_id` after a row's eos) and their lengths `[batch]`;
+  the last one is `generate`'s result without its trailing padding.
+  """
+  request = _Request.of(input_ids, attention_mask, context, sampling, eos_ids, pad_id, key, suppress)
+  if len(request.input_ids) > BATCH_BUCKETS[-1]:
+    raise ValueError(f"stream decodes at most {BATCH_BUCKETS[-1]} rows at once, got {len(request.input_ids)}")
+  padded, batch = request.bucketed()
+  graphdef, params = nnx.split(model)
+  rules = (padded.sampling, padded.eos_ids, padded.pad_id)
+  state, carry = _stream_start(graphdef, params, padded.context, padded.input_ids, padded.attention_mask,
+                               padded.active, padded.key, padded.suppress, *rules)
+  while True:
+    # Sliced on the host: a device slice per new length would compile a kernel per token.
+    step, done, tokens, lengths = jax.device_get((state.step, state.done, state.tokens, state.lengths))
+    yield Generated(tokens[:batch, :step], lengths[:batch])
+    if step == sampling.max_new_tokens or done.all():
+      return
+    state = _stream_step(graphdef, params, carry, state, padded.key, padded.suppress, *rules)
 
-  input_ids = np.pad(input_ids, ((0, 0), (extra_columns, 0)), constant_values=pad_id)
-  attention_mask = np.pad(attention_mask, ((0, 0), (extra_columns, 0)))
-  active = np.arange(batch + extra_rows) < batch
-  out = _generate(
-    model, jax.tree.map(pad_rows, context), pad_rows(input_ids), pad_rows(attention_mask), jnp.asarray(active),
-    key, suppress, sampling, eos_ids, pad_id,
-  )
-  return Generated(out.tokens[:batch], out.lengths[:batch])
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+  """`generate`'s arguments checked and as arrays; `active` marks the real rows (False on bucket padding)."""
+
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
+  context: Any
+  sampling: SamplingConfig
+  eos_ids: tuple[int, ...]
+  pad_id: int
+  key: jax.Array
+  suppress: tuple[jax.Array, jax.Array] | None
+  active: jax.Array | None = None  # set by `bucketed`
+
+  @classmethod
+  def of(cls, input_ids, attention_mask, context, sampling, eos_ids, pad_id, key, suppress) -> "_Request":
+    if sampling.do_sample and key is None:
+      raise ValueError("sampling needs a random key: pass key=jax.random.key(seed)")
+    input_ids = np.asarray(input_ids, np.int32)
+    attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    return cls(
+      input_ids, attention_mask, context, sampling, tuple(eos_ids), pad_id, jax.random.key(0) if key is None else key,
+      None if suppress is None else tuple(jnp.asarray(m, bool) for m in suppress),
+    )
+
+  def rows(self, rows: slice) -> "_Request":
+    return dataclasses.replace(
+      self, input_ids=self.input_ids[rows], attention_mask=self.attention_mask[rows],
+      context=jax.tree.map(lambda x: x[rows], self.context),
+    )
+
+  def bucketed(self) -> tuple["_Request", int]:
+    """The batch padded into its bucket (rows copied from the first, inactive; left padding up to the
+    prompt bucket), and how many rows are real."""
+    batch, length = self.input_ids.shape
+    extra_rows, extra_columns = batch_bucket(batch) - batch, prompt_bucket(length) - length
+
+    def pad_rows(x):
+      x = jnp.asarray(x)
+      return jnp.concatenate([x, jnp.repeat(x[:1], extra_rows, axis=0)]) if extra_rows else x
+
+    input_ids = np.pad(self.input_ids, ((0, 0), (extra_columns, 0)), constant_values=self.pad_id)
+    attention_mask = np.pad(self.attention_mask, ((0, 0), (extra_columns, 0)))
+    padded = dataclasses.replace(
+      self, input_ids=pad_rows(input_ids), attention_mask=pad_rows(attention_mask),
+      context=jax.tree.map(pad_rows, self.context), active=jnp.asarray(np.arange(batch + extra_rows) < batch),
+    )
+    return padded, batch
+
+
+class _State(NamedTuple):
+  """The decode loop's carry: the index of the next new token, the tokens `[batch, max_new_tokens]` and
+  lengths `[batch]` so far, which rows have ended `[batch]`, the tokens each row has seen `[batch, vocab]`
+  (for the repetition penalty), and the KV cache."""
+
+  step: jax.Array
+  tokens: jax.Array
+  lengths: jax.Array
+  done: jax.Array
+  seen: jax.Array
+  cache: Any
 
 
 @functools.partial(nnx.jit, static_argnames=("sampling", "eos_ids", "pad_id"))
 def _generate(model, context, input_ids, attention_mask, active, key, suppress, sampling, eos_ids, pad_id) -> Generated:
+  rules = (sampling, eos_ids, pad_id)
+  state, carry = _start(model, context, input_ids, attention_mask, active, key, suppress, *rules)
+
+  def unfinished(state):
+    return (state.step < sampling.max_new_tokens) & ~jnp.all(state.done)
+
+  state = jax.lax.while_loop(unfinished, lambda state: _advance(model, carry, state, key, suppress, *rules), state)
+  return Generated(state.tokens, state.lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "pad_id"))
+def _stream_start(graphdef, params, context, input_ids, attention_mask, active, key, suppress, sampling, eos_ids, pad_id):
+  model = nnx.merge(graphdef, params)
+  return _start(model, context, input_ids, attention_mask, active, key, suppress, sampling, eos_ids, pad_id)
+
+
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "pad_id"), donate_argnames=("state",)
+)
+def _stream_step(graphdef, params, carry, state, key, suppress, sampling, eos_ids, pad_id) -> _State:
+  global _traces
+  _traces += 1
+  return _advance(nnx.merge(graphdef, params), carry, state, key, suppress, sampling, eos_ids, pad_id)
+
+
+def _start(model, context, input_ids, attention_mask, active, key, suppress, sampling, eos_ids, pad_id):
+  """The prefill and the first new token: (`_State` at step 1, the model's decode carry)."""
   global _traces
   _traces += 1  # runs once per trace, that is once per compilation
   batch, prompt_len = input_ids.shape
@@ -162,37 +267,39 @@ def _generate(model, context, input_ids, attention_mask, active, key, suppress, 
   audio_len = _context_tokens(model, context)
   cache = model.init_cache(batch, audio_len + prompt_len + sampling.max_new_tokens - 1)
   logits, cache, carry = model.prefill(context, input_ids, attention_mask, cache)
-  rows = jnp.arange(batch)
-  seen = jnp.zeros((batch, logits.shape[-1]), bool).at[rows[:, None], input_ids].max(attention_mask.astype(bool))
-  eos = jnp.asarray(eos_ids, jnp.int32)
+  seen = jnp.zeros((batch, logits.shape[-1]), bool).at[jnp.arange(batch)[:, None], input_ids].max(
+    attention_mask.astype(bool)
+  )
+  state = _State(
+    jnp.int32(0), jnp.full((batch, sampling.max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch,), jnp.int32),
+    ~active, seen, cache,
+  )
+  return _emit(state, logits[:, -1], key, suppress, sampling, eos_ids, pad_id), carry
 
-  def emit(step, logits, tokens, lengths, done, seen):
-    """Chooses token `step` from `logits` `[batch, vocab]` and records it."""
-    if suppress is not None:
-      logits = jnp.where(jnp.where(step == 0, suppress[0], suppress[1]), -jnp.inf, logits)
-    token = next_token(logits, seen, jax.random.fold_in(key, step), sampling)
-    token = jnp.where(done, pad_id, token)
-    tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
-    lengths = lengths + (~done).astype(jnp.int32)
-    seen = seen.at[rows, token].max(~done)
-    return tokens, lengths, done | jnp.isin(token, eos), seen
 
-  tokens = jnp.full((batch, sampling.max_new_tokens), pad_id, jnp.int32)
-  lengths = jnp.zeros((batch,), jnp.int32)
-  first = emit(0, logits[:, -1], tokens, lengths, ~active, seen)
+def _advance(model, carry, state: _State, key, suppress, sampling, eos_ids, pad_id) -> _State:
+  """Feeds the last new token back and chooses the next."""
+  previous = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)
+  logits, cache = model.decode_step(carry, previous, state.cache)
+  return _emit(state._replace(cache=cache), logits[:, 0], key, suppress, sampling, eos_ids, pad_id)
 
-  def unfinished(state):
-    step, _, _, done, _, _ = state
-    return (step < sampling.max_new_tokens) & ~jnp.all(done)
 
-  def body(state):
-    step, tokens, lengths, done, seen, cache = state
-    previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
-    logits, cache = model.decode_step(carry, previous, cache)
-    return (step + 1, *emit(step, logits[:, 0], tokens, lengths, done, seen), cache)
-
-  _, tokens, lengths, _, _, _ = jax.lax.while_loop(unfinished, body, (jnp.int32(1), *first, cache))
-  return Generated(tokens, lengths)
+def _emit(state: _State, logits, key, suppress, sampling, eos_ids, pad_id) -> _State:
+  """Chooses token `state.step` from `logits` `[batch, vocab]` and records it."""
+  step = state.step
+  if suppress is not None:
+    logits = jnp.where(jnp.where(step == 0, suppress[0], suppress[1]), -jnp.inf, logits)
+  token = next_token(logits, state.seen, jax.random.fold_in(key, step), sampling)
+  token = jnp.where(state.done, pad_id, token)
+  rows = jnp.arange(len(token))
+  return _State(
+    step + 1,
+    jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, step)),
+    state.lengths + (~state.done).astype(jnp.int32),
+    state.done | jnp.isin(token, jnp.asarray(eos_ids, jnp.int32)),
+    state.seen.at[rows, token].max(~state.done),
+    state.cache,
+  )
 
 
 def _context_tokens(model: nnx.Module, context: Any) -> int:

@@ -27,13 +27,13 @@ import dataclasses
 import os
 import re
 import sys
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
 from ltu_jax import audio, data, features, kinds, model_folder, transcribe
-from ltu_jax.generate import SamplingConfig, generate, left_pad
+from ltu_jax.generate import Generated, SamplingConfig, generate, left_pad, stream
 from ltu_jax.model_folder import Loaded
 
 MODES = ("joint", "audio_only", "asr_only")
@@ -130,6 +130,29 @@ def respond(
   Returns:
     The decoded new tokens of each clip, special tokens skipped, stripped.
   """
+  ids, mask, engine = _prompts(loaded, questions, transcripts, audio_in, mode, sampling)
+  return _texts(loaded, generate(loaded.model, ids, mask, key=key, **engine))
+
+
+def respond_stream(
+  loaded: Loaded,
+  questions: Sequence[str],
+  transcripts: Sequence[str] | None,
+  audio_in: tuple[np.ndarray, np.ndarray] | np.ndarray | None,
+  *,
+  mode: str = "joint",
+  sampling: SamplingConfig | None = None,
+  key: jax.Array | None = None,
+) -> Iterator[list[str]]:
+  """`respond` token by token (the demo's streamed answer): takes its arguments and yields, after each new
+  token, the answers so far; the last are `respond`'s."""
+  ids, mask, engine = _prompts(loaded, questions, transcripts, audio_in, mode, sampling)
+  for so_far in stream(loaded.model, ids, mask, key=key, **engine):
+    yield _texts(loaded, so_far)
+
+
+def _prompts(loaded, questions, transcripts, audio_in, mode, sampling) -> tuple[np.ndarray, np.ndarray, dict]:
+  """`respond`'s arguments checked and made into the engine's request: (ids, mask, the other arguments)."""
   check_mode(mode)
   kind = kinds.get(require_audio_llm(loaded).kind)
   reads_transcript = mode != "audio_only" and kind.uses_transcript
@@ -144,11 +167,15 @@ def respond(
   token_lists = loaded.tokenizer(prompts, add_special_tokens=False)["input_ids"]
   pad_id = extra.get("pad_token_id") or 0
   ids, mask = left_pad([[extra["bos_token_id"], *tokens] for tokens in token_lists], pad_id)
-  out = generate(
-    loaded.model, ids, mask,
-    context=None if mode == "asr_only" else audio_in,
-    sampling=sampling or kind.sampling, eos_ids=extra["eos_token_ids"], pad_id=pad_id, key=key,
+  engine = dict(
+    context=None if mode == "asr_only" else audio_in, sampling=sampling or kind.sampling,
+    eos_ids=extra["eos_token_ids"], pad_id=pad_id,
   )
+  return ids, mask, engine
+
+
+def _texts(loaded: Loaded, out: Generated) -> list[str]:
+  """Each row's new tokens decoded, special tokens skipped, stripped."""
   tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
   return [
     loaded.tokenizer.decode(row[:length], skip_special_tokens=True).strip() for row, length in zip(tokens, lengths)
@@ -200,8 +227,9 @@ def check_mode(mode: str) -> None:
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
-def add_generation_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
-  """The options shared by `infer` and `eval`: mode, sampling, length, windows, dtype, seed and batch size."""
+def add_generation_arguments(parser: argparse.ArgumentParser, batch_size: int | None) -> None:
+  """The options shared by `infer`, `eval` and `demo`: mode, sampling, length, windows, dtype, seed and (unless
+  `batch_size` is None: the demo answers one clip at a time) batch size."""
   parser.add_argument("--mode", choices=MODES, default="joint", help="inputs given to the model (default: joint)")
   parser.add_argument(
     "--greedy", action="store_true",
@@ -211,6 +239,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser, batch_size: int) -
   parser.add_argument("--max-windows", type=int, help="10 s windows a clip may fill (default: the model's)")
   parser.add_argument("--dtype", choices=DTYPES, help="cast weights and compute at load (default: as stored)")
   parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+  if batch_size is None:
+    return
   parser.add_argument(
     "--batch-size", type=int, default=batch_size, help=f"questions answered together (default: {batch_size})"
   )
@@ -226,7 +256,7 @@ def sampling_from_args(args: argparse.Namespace, loaded: Loaded) -> SamplingConf
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   for name in ("batch_size", "max_new_tokens", "max_windows"):
-    value = getattr(args, name)
+    value = getattr(args, name, None)
     if value is not None and value < 1:
       parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 

@@ -150,6 +150,12 @@ def remove_outputs() -> None:
       os.rmdir(folder)
 
 
+def demo_command(model: str) -> str:
+  """The command that opens the web demo on `model`, with this interpreter (`.venv/bin/python` from demo.sh)."""
+  python = os.path.relpath(sys.executable)
+  return f"{sys.executable if python.startswith('..') else python} -m ltu_jax.demo --model {model}"
+
+
 def parser() -> argparse.ArgumentParser:
   """The command line (`parse_intermixed_args`, as every command of the project)."""
   parser = argparse.ArgumentParser(
@@ -188,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
   with open(REPORT, "w") as f:
     f.write(text + "\n")
   print(f"\n{REPORT}:\n\n{text}")
+  print(f"\nAsk the trained model about your own clips in a web page (http://127.0.0.1:7860):\n{demo_command(trained)}")
 
 
 if __name__ == "__main__":

@@ -150,6 +150,33 @@ def test_eos_stops_the_row_and_pads(model):
     assert np.all(out.tokens[row, length:] == PAD)
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_stream_gives_generates_tokens_one_at_a_time_compiling_once(model, sampled):
+  sampling = settings(do_sample=True, temperature=1.5, top_k=20, top_p=0.9) if sampled else settings(repetition_penalty=1.3)
+  key = jax.random.key(7) if sampled else None
+  free = run(model, PROMPTS, sampling, key=key).tokens
+  eos_ids = [int(free[0, 3]), int(free[1, 4])]  # rows end at different steps
+  expected = run(model, PROMPTS, sampling, eos_ids, key)
+  ids, mask = gen.left_pad(PROMPTS, PAD)
+
+  def stream():
+    return list(gen.stream(model, ids, mask, sampling=sampling, eos_ids=eos_ids, pad_id=PAD, key=key))
+
+  before = gen.compilations()
+  steps = stream()
+  assert gen.compilations() - before <= 2  # a prefill and a step, not one per token
+  assert [s.tokens.shape for s in steps] == [(len(PROMPTS), n) for n in range(1, len(steps) + 1)]
+  for earlier, later in zip(steps, steps[1:]):
+    np.testing.assert_array_equal(later.tokens[:, :-1], earlier.tokens)
+  last = steps[-1]
+  assert last.tokens.shape[1] == expected.lengths.max()  # it stops once every row has ended
+  np.testing.assert_array_equal(last.lengths, expected.lengths)
+  np.testing.assert_array_equal(last.tokens, expected.tokens[:, : last.tokens.shape[1]])
+  before = gen.compilations()
+  np.testing.assert_array_equal(stream()[-1].tokens, last.tokens)
+  assert gen.compilations() == before
+
+
 def test_generation_through_ltu_as_equals_argmax_over_full_forwards():
   tltr = TLTRConfig(dim=32, time_heads=1, layer_heads=4, mlp_dim=64)
   config = LtuAsConfig(llm=config_from_hf(HF_CONFIG), tltr=tltr, feature_layers=3, audio_tokens=4)

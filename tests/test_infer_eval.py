@@ -8,21 +8,17 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import subprocess
 
 import jax
 import numpy as np
 import pytest
 import soundfile as sf
-from flax import nnx
 
 from ltu_jax import audio, data, generate, infer, model_folder, tiny_data, train, transcribe
 from ltu_jax import eval as ltu_eval
 from ltu_jax.eval import run as eval_run
 from ltu_jax.eval import tasks as eval_tasks
 from ltu_jax.generate import LTU_AS_SAMPLING, SamplingConfig
-from ltu_jax.models.whisper import Whisper
 from tests import train_setup
 
 NEW_TOKENS = 6
@@ -30,30 +26,13 @@ GREEDY = SamplingConfig(max_new_tokens=NEW_TOKENS, repetition_penalty=1.1)
 SAMPLED = dataclasses.replace(LTU_AS_SAMPLING, max_new_tokens=NEW_TOKENS, temperature=1.0)  # T=1: seeds matter
 TEST_CLIPS = 8  # tiny_data clips: kinds cycle speech, mixed, speech, sound
 BATCH = 4
-WER_TOL = 1e-9
 QUESTION = "what was said"
 ROW_KEYS = {"prompt", "pred", "ref", "audio_id", "task"}
-WHISPER_POSITIONS = 1500  # 30 s of encoder frames, as transcription needs
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-  """The trainer tests' tiny LTU-AS, with a Whisper of the same encoder that can also transcribe: 30 s
-  positions, a tokenizer and the ids that transcription needs."""
-  root = tmp_path_factory.mktemp("infer_eval")
-  paths = train_setup.build(str(root), records=12)
-  config = model_folder.load(paths["whisper"], tokenizer=False).config
-  inner = os.path.join(paths["ltu_as"], "whisper")
-  shutil.rmtree(inner)
-  text = train_setup.tokenizer()
-  extra = dict(
-    decoder_start_token_id=1, eos_token_id=2, no_timestamps_token_id=0, suppress_tokens=[],
-    begin_suppress_tokens=[2], text_vocab_size=len(text),
-  )
-  whisper = Whisper(dataclasses.replace(config, max_source_positions=WHISPER_POSITIONS), rngs=nnx.Rngs(0))
-  model_folder.save(inner, whisper, "whisper", extra=extra, tokenizer=text)
-  paths["root"] = str(root)
-  return paths
+  return train_setup.build_answering(str(tmp_path_factory.mktemp("infer_eval")), records=12)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +42,7 @@ def loaded(parts):
 
 @pytest.fixture(scope="module")
 def wavs(parts):
-  """An espeak-ng sentence (22.05 kHz: resampled on loading) and a 440 Hz tone at 16 kHz."""
-  speech = os.path.join(parts["root"], "speech.wav")
-  subprocess.run(["espeak-ng", "-w", speech, "the bell says hello"], check=True)
-  tone = os.path.join(parts["root"], "tone.wav")
-  t = np.arange(int(1.5 * audio.SAMPLE_RATE)) / audio.SAMPLE_RATE
-  sf.write(tone, 0.5 * np.sin(2 * np.pi * 440 * t), audio.SAMPLE_RATE)
-  return [speech, tone]
+  return train_setup.speech_and_tone(parts["root"])
 
 
 @pytest.fixture(scope="module")

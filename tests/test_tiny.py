@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from ltu_jax import tiny
+from ltu_jax import kinds, model_folder, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,3 +38,8 @@ def test_smoke_run_goes_end_to_end(tmp_path):
   assert all(header in " ".join(part.split()) for part in (held_out, choices))
   assert "accuracy (embedding) %" in held_out and "accuracy (keywords) %" in held_out and "WER %" in held_out
   assert "test_choices.json" in choices and "accuracy %" in choices
+  # It ends with the command that opens the web demo on the trained model.
+  trained = os.path.join("runs", "tiny_stage3", "model")
+  python, command = result.stdout.splitlines()[-1].split(" -m ", 1)
+  assert os.path.samefile(tmp_path / python, sys.executable) and command == f"ltu_jax.demo --model {trained}"
+  model_folder.require(tmp_path / trained, "demo", kinds.AUDIO_LLM)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
+import subprocess
 
 import numpy as np
+import soundfile as sf
 import tokenizers
 import transformers
 from flax import nnx
 
 from conversion import ltu_as
-from ltu_jax import data, model_folder
+from ltu_jax import audio, data, model_folder
 from ltu_jax.models.llama import Llama, LlamaConfig
 from ltu_jax.models.whisper import Whisper, WhisperConfig
 
@@ -69,6 +73,38 @@ def build(root: str, records: int = 48, seed: int = 0) -> dict[str, str]:
   with open(paths["train"], "w") as f:
     json.dump(rows, f)
   return paths
+
+
+WHISPER_POSITIONS = 1500  # 30 s of encoder frames, as transcription needs
+
+
+def build_answering(root: str, records: int = 48) -> dict[str, str]:
+  """`build`'s parts, with an LTU-AS whose Whisper (the same encoder) can also transcribe: 30 s positions, a
+  tokenizer and the ids that transcription needs. What infer, eval and the demo answer with; `root` too."""
+  paths = build(root, records=records)
+  config = model_folder.load(paths["whisper"], tokenizer=False).config
+  inner = os.path.join(paths["ltu_as"], "whisper")
+  shutil.rmtree(inner)
+  text = tokenizer()
+  extra = dict(
+    decoder_start_token_id=1, eos_token_id=2, no_timestamps_token_id=0, suppress_tokens=[],
+    begin_suppress_tokens=[2], text_vocab_size=len(text),
+  )
+  whisper = Whisper(dataclasses.replace(config, max_source_positions=WHISPER_POSITIONS), rngs=nnx.Rngs(0))
+  model_folder.save(inner, whisper, "whisper", extra=extra, tokenizer=text)
+  paths["root"] = root
+  return paths
+
+
+def speech_and_tone(folder: str) -> list[str]:
+  """Two clips written to `folder`: an espeak-ng sentence (22.05 kHz: resampled on loading) and a 1.5 s
+  440 Hz tone at 16 kHz."""
+  speech = os.path.join(folder, "speech.wav")
+  subprocess.run(["espeak-ng", "-w", speech, "the bell says hello"], check=True)
+  tone = os.path.join(folder, "tone.wav")
+  t = np.arange(int(1.5 * audio.SAMPLE_RATE)) / audio.SAMPLE_RATE
+  sf.write(tone, 0.5 * np.sin(2 * np.pi * 440 * t), audio.SAMPLE_RATE)
+  return [speech, tone]
 
 
 def overrides(paths: dict[str, str], output_dir: str, **more) -> list[str]:
