@@ -45,9 +45,9 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     seconds, answers = {}, {}
     for dtype in ("float32", "bfloat16"):
-      out = os.path.join(tmp, f"{dtype}.jsonl")
+      out = os.path.join(tmp, dtype)
       seconds[dtype] = run_eval(args, dtype, out)
-      with open(out) as f:
+      with open(os.path.join(out, "predictions.jsonl")) as f:
         answers[dtype] = [json.loads(line) for line in f]
   same, total = collections.Counter(), collections.Counter()
   for fp32, bf16 in zip(answers["float32"], answers["bfloat16"], strict=True):

@@ -6,7 +6,7 @@
 3. Scores the untrained LTU-AS on the held-out split; pretrains its TLTR to tag the training clips
    (`ltu_jax.pretrain_tltr`: the release starts from Whisper-AT's pretrained TL-TR, which stage 1 keeps
    frozen); trains the curriculum tiny_stage1 → 2 → 3; scores the trained model and prints both side
-   by side.
+   by side, both readings (embedding and keywords) and the multiple-choice split.
 
 `--kind ltu` runs LTU's pipeline over the same LLM and data instead: a fresh LTU (a small random CAV-MAE:
 no CAV-MAE weights are on PyPI), the fbank cached, its curriculum tiny_ltu_stage1 → 4, scored on the same
@@ -37,7 +37,8 @@ from ltu_jax import extract_features, generate, model_folder, pretrain_tltr, tin
 from ltu_jax.models.cav_mae import CavMaeConfig
 
 REPORT = f"{tiny.RUNS}/tiny_report.md"
-PREDICTIONS = f"{tiny.RUNS}/tiny_predictions_{{}}.jsonl"  # untrained, trained (LTU: ltu_untrained, ltu_trained)
+EVAL_DIR = f"{tiny.RUNS}/tiny_eval"  # one `eval --out` folder per model and split: {untrained,trained}_{split}
+SPLITS = {"test": "held-out questions", "test_choices": "multiple choice, MMAU's format"}
 # Answers of the tiny set are one short sentence; the untrained model would ramble to the limit.
 EVAL_SAMPLING = generate.SamplingConfig(max_new_tokens=40, repetition_penalty=1.1)
 
@@ -106,11 +107,23 @@ def tagged_tltr(scale: Scale) -> None:
     print(f"TLTR tagging, held-out accuracy {when}: " + ", ".join(f"{k} {v:.0%}" for k, v in values.items()), file=sys.stderr)
 
 
-def scores(model: str, name: str, limit: int | None, recipe: "Recipe") -> dict[str, evaluation.Score]:
-  step(f"answering the held-out split with the {name} {recipe.title} ({model})")
-  return evaluation.evaluate(
-    model, os.path.join(tiny.DATA, "test.json"), recipe.features, out=PREDICTIONS.format(recipe.predictions + name),
-    sampling=EVAL_SAMPLING, limit=limit,
+def scores(model: str, name: str, limit: int | None, recipe: "Recipe") -> dict[str, dict[str, evaluation.TaskScore]]:
+  """The model's scores on each of SPLITS (resuming an earlier run's answers)."""
+  step(f"answering the held-out splits with the {name} {recipe.title} ({model})")
+  return {
+    split: evaluation.evaluate(
+      model, os.path.join(tiny.DATA, f"{split}.json"), recipe.features,
+      out=os.path.join(EVAL_DIR, f"{recipe.predictions}{name}_{split}"),
+      labels=os.path.join(tiny.DATA, "labels.json"), sampling=EVAL_SAMPLING, limit=limit,
+    )
+    for split in SPLITS
+  }
+
+
+def report(before: dict[str, dict[str, evaluation.TaskScore]], after: dict[str, dict[str, evaluation.TaskScore]]) -> str:
+  """One kind's section of the demo's report: per split, each task's scores (both readings) before and after."""
+  return "\n\n".join(
+    f"### {title} ({split}.json)\n\n{evaluation.compare(before[split], after[split])}" for split, title in SPLITS.items()
   )
 
 
@@ -181,8 +194,7 @@ def outputs() -> list[str]:
   # conversion.llm's scratch folder beside its output, left behind only by a killed conversion
   scratch = glob.glob(os.path.join(os.path.dirname(tiny.LLM), f".{os.path.basename(tiny.LLM)}-*"))
   stages = [f"{tiny.RUNS}/{name}" for recipe in RECIPES.values() for name in recipe.stages]
-  predictions = [PREDICTIONS.format(r.predictions + name) for r in RECIPES.values() for name in ("untrained", "trained")]
-  return [*models, *scratch, tiny.DATA, *stages, REPORT, *predictions]
+  return [*models, *scratch, tiny.DATA, *stages, REPORT, EVAL_DIR]
 
 
 def remove_outputs() -> None:
@@ -238,9 +250,9 @@ def main(argv: list[str] | None = None) -> None:
   recipe.prepare(scale)
   trained = curriculum(scale, recipe.stages)
   after = scores(trained, "trained", scale.limit, recipe)
-  report = evaluation.compare(before, after) + (f"\n\n{recipe.note}" if recipe.note else "")
-  write_section(REPORT, recipe.title, report)
-  print(f"\n{recipe.title} on the held-out split, untrained vs trained ({REPORT}):\n{report}")
+  text = report(before, after) + (f"\n\n{recipe.note}" if recipe.note else "")
+  write_section(REPORT, recipe.title, text)
+  print(f"\n{recipe.title} on the held-out splits, untrained vs trained ({REPORT}):\n{text}")
   print(f"\nAsk the trained model about your own clips in a web page (http://127.0.0.1:7860):\n{demo_command(trained)}")
 
 

@@ -14,6 +14,8 @@ sound, open-ended), each asked in several paraphrases so the model has to read t
       classification.json    the closed-ended classification questions of the train clips (stages 1 and 2)
       closed.json            every closed-ended question of the train clips (LTU's stage 3)
       test.json              every question of the held-out clips, in its canonical (evaluation) wording
+      test_choices.json      multiple-choice questions about the held-out clips, in MMAU's format
+      labels.json            the label names of each closed-ended task (`python -m ltu_jax.eval --labels`)
       transcripts.json       Whisper transcripts, cached per audio file (only with --transcriber)
 
 Each JSON file is a list of records with the six LTU fields (facts §4.1):
@@ -24,6 +26,13 @@ and two more:
                  "pitch": str or None when there is no speech, "sound": a SOUNDS class, or "speech" for a
                  clip of speech alone}
   input_source   "whisper" (transcribed), "reference" (the sentence espeak-ng read) or "none" (no speech)
+  label          in closed-ended records only, the truth that `ltu_jax.eval` scores: the class of gender,
+                 speed and pitch; the list of classes heard for sound ("speech" and/or a SOUNDS class)
+
+test_choices.json is a list of MMAU items, `{"id", "audio_id", "question", "choices", "answer" (the right
+choice), "dataset", "task" (MMAU's category: "speech" or "sound"), "sub-category" (gender, speed, pitch or
+sound), "input" (the transcript, which MMAU lacks)}`: per speech clip its gender, speed and pitch, per clip
+with a sound that sound among MC_SOUND_CHOICES classes, the choices in a drawn order.
 
 Whisper's transcripts aside, the build is a pure function of the seed and sizes: every clip's recipe is
 drawn first, its audio is a function of its recipe alone, and the recipe's hash names its file, so a
@@ -281,6 +290,21 @@ QUESTIONS = {
   ),
 }
 SPEED_WORDS = {"slow": "slowly", "normal": "at a normal pace", "fast": "quickly"}
+# the multiple-choice split's questions; their choices are the task's classes (sound: MC_SOUND_CHOICES of them)
+CHOICE_QUESTIONS = {
+  "gender": "What is the speaker's gender?",
+  "speed": "How fast does the speaker talk?",
+  "pitch": "How high is the speaker's voice?",
+  "sound": "Which sound is heard, apart from any speech?",
+}
+MC_SOUND_CHOICES = 4
+
+
+def class_names() -> dict[str, list[str]]:
+  """Each closed-ended task's classes: the label file `labels.json`."""
+  return {
+    "gender": list(VOICES), "speed": list(SPEEDS), "pitch": ["low", "high"], "sound": ["speech", *SOUNDS],
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,8 +487,35 @@ def records(
       "task": task,
       "labels": clip.labels,
       "input_source": source,
+      **({"label": label(clip, task)} if task in CLASSIFICATION_TASKS else {}),
     }
     for task in tasks
+  ]
+
+
+def label(clip: Clip, task: str) -> str | list[str]:
+  """The truth of a closed-ended `task` about `clip`: a class, or for sound the list of classes heard."""
+  if task == "sound":
+    return (["speech"] if clip.kind != "sound" else []) + ([clip.sound] if clip.sound else [])
+  return getattr(clip, task)
+
+
+def choice_items(clip: Clip, audio_path: str, transcript: str, rng: np.random.Generator) -> list[dict[str, Any]]:
+  """The clip's multiple-choice questions in MMAU's format (see the module docstring)."""
+  items = []
+  for task in ("gender", "speed", "pitch") if clip.kind != "sound" else ():
+    items.append((task, "speech", getattr(clip, task), class_names()[task]))
+  if clip.kind != "speech":
+    others = [name for name in SOUNDS if name != clip.sound]
+    distractors = [str(name) for name in rng.choice(others, MC_SOUND_CHOICES - 1, replace=False)]
+    items.append(("sound", "sound", clip.sound, [clip.sound, *distractors]))
+  return [
+    {
+      "id": f"{os.path.splitext(clip.file_name)[0]}_{task}", "audio_id": audio_path, "question": CHOICE_QUESTIONS[task],
+      "choices": [str(c) for c in rng.permutation(options)], "answer": answer, "dataset": DATASET, "task": category,
+      "sub-category": task, "input": transcript,
+    }
+    for task, category, answer, options in items
   ]
 
 
@@ -522,13 +573,17 @@ def build(
     cache_path = os.path.join(out_dir, "transcripts.json")
     transcripts = transcribe_speech(speech_paths, os.fspath(transcriber), cache_path, progress)
   # a generator apart from the recipes', so the questions drawn do not change the clips
-  question_rng = np.random.default_rng([seed, 1])
-  splits: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
+  question_rng, choice_rng = np.random.default_rng([seed, 1]), np.random.default_rng([seed, 2])
+  splits: dict[str, list[dict[str, Any]]] = {"train": [], "test": [], "test_choices": []}
   for clip, path in zip(clips, paths):
     rng = question_rng if clip.split == "train" else None
     splits[clip.split] += records(clip, path, transcripts.get(os.path.basename(path)), rng)
+    if clip.split == "test":
+      splits["test_choices"] += choice_items(clip, path, splits["test"][-1]["input"], choice_rng)
   splits["classification"] = [record for record in splits["train"] if record["task"] in CLASSIFICATION_TASKS]
   splits["closed"] = [record for record in splits["train"] if record["task"] != OPEN_ENDED]
+  with open(os.path.join(out_dir, "labels.json"), "w") as file:
+    json.dump(class_names(), file, indent=1)
   for name, split in splits.items():
     with open(os.path.join(out_dir, f"{name}.json"), "w") as file:
       json.dump(split, file, indent=1)

@@ -38,3 +38,11 @@ def tiny_en_folder(tmp_path_factory, tiny_en_ct2) -> str:
 @pytest.fixture(scope="session")
 def tiny_en(tiny_en_folder) -> ltu_jax.Loaded:
   return ltu_jax.load(tiny_en_folder)
+
+
+@pytest.fixture(scope="session")
+def embedder():
+  """The evaluation's sentence embedder (all-MiniLM-L6-v2), loaded once for the session."""
+  from ltu_jax.eval import embedding
+
+  return embedding.default()

@@ -16,6 +16,8 @@ import soundfile as sf
 
 from ltu_jax import audio, data, generate, infer, model_folder, tiny_data, train, transcribe
 from ltu_jax import eval as ltu_eval
+from ltu_jax.eval import run as eval_run
+from ltu_jax.eval import tasks as eval_tasks
 from ltu_jax.generate import LTU_AS_SAMPLING, SamplingConfig
 from tests import train_setup
 
@@ -24,7 +26,6 @@ GREEDY = SamplingConfig(max_new_tokens=NEW_TOKENS, repetition_penalty=1.1)
 SAMPLED = dataclasses.replace(LTU_AS_SAMPLING, max_new_tokens=NEW_TOKENS, temperature=1.0)  # T=1: seeds matter
 TEST_CLIPS = 8  # tiny_data clips: kinds cycle speech, mixed, speech, sound
 BATCH = 4
-WER_TOL = 1e-9
 QUESTION = "what was said"
 ROW_KEYS = {"prompt", "pred", "ref", "audio_id", "task"}
 
@@ -54,6 +55,18 @@ def test_records(parts, wavs):
   clips = tiny_data.plan_clips(0, 0, TEST_CLIPS)
   audio_ids = cached[: TEST_CLIPS - 1] + [wavs[0]]
   records = [r for clip, audio_id in zip(clips, audio_ids) for r in tiny_data.records(clip, audio_id, None, None)]
+  # the protocols tiny_data has no task for: age, captions, multiple choice given as LTU records
+  more = [
+    ("age", "How old is the speaker?", "The speaker is about 30 years old.", {"label": 30}),
+    ("age", "How old is the speaker?", "Between 40 and 50.", {}),
+    ("audio caption", "Write an audio caption.", "A bell rings twice.", {"references": ["A bell rings twice.", "Bells ring."]}),
+    ("audio caption", "Write an audio caption.", "A man speaks.", {}),
+    ("quiz", "Which? Choose one: (A) bell (B) siren.", "bell", {"choices": ["bell", "siren"]}),
+  ]
+  records += [
+    {"instruction": question, "input": "", "output": output, "audio_id": cached[i], "task": task, **extra}
+    for i, (task, question, output, extra) in enumerate(more)
+  ]
   path = os.path.join(parts["root"], "test.json")
   with open(path, "w") as f:
     json.dump(records, f)
@@ -61,123 +74,51 @@ def test_records(parts, wavs):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Parsing and scoring
+# eval end to end (the metrics themselves: tests/test_eval_metrics.py)
 
 
-def test_gender_rule_reads_female_before_male():
-  assert ltu_eval.parse_gender("The speaker is female.") == "female"  # contains "male" too
-  assert ltu_eval.parse_gender("A MALE voice.") == "male"
-  assert ltu_eval.parse_gender("Not male: female.") == "female"  # the original's rule: "female" wins
-  assert ltu_eval.parse_gender("A woman speaks.") is None  # unparsed, so wrong
+def read_rows(out) -> list[dict]:
+  return [json.loads(line) for line in open(os.path.join(out, "predictions.jsonl"))]
 
 
-def test_classes_are_whole_words_and_synonyms():
-  vocabulary = ltu_eval.vocabularies([])  # tiny_data's classes
-  sounds = vocabulary["sound"]
-  assert set(sounds) == {*tiny_data.SOUNDS, "speech"}
-  assert ltu_eval.named_classes("The sound of a bell.", sounds) == {"bell"}
-  assert ltu_eval.named_classes("The sound of speech and a siren.", sounds) == {"speech", "siren"}
-  assert ltu_eval.named_classes("Sirens and an engine.", sounds) == {"siren", "engine hum"}
-  assert ltu_eval.named_classes("A bellow, a tapestry.", sounds) == set()  # not "bell", not "tap"
-  assert ltu_eval.named_classes("White noise.", sounds) == {"white noise"}
-  assert ltu_eval.parse_class("The speaker talks quickly.", vocabulary["speed"]) == "fast"
-  assert ltu_eval.parse_class("Neither slow nor fast.", vocabulary["speed"]) is None  # two classes
-  assert ltu_eval.parse_class("It is speech.", vocabulary["speed"]) is None
-  assert ltu_eval.parse_class("A high-pitched voice.", vocabulary["pitch"]) == "high"
+def assert_reports(out, tasks_expected):
+  """summary.md and summary.json name every task; scores.png is a PNG of nonzero size."""
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert list(summary["tasks"]) == tasks_expected
+  markdown = open(os.path.join(out, "summary.md")).read()
+  assert all(f"| {task} " in markdown for task in tasks_expected)
+  png = open(os.path.join(out, "scores.png"), "rb").read()
+  assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+  return summary
 
 
-def test_vocabularies_come_from_the_labels():
-  records = [{"labels": {"speech": False, "sound": "dog bark", "speed": None, "pitch": None}}]
-  vocabulary = ltu_eval.vocabularies(records)
-  assert set(vocabulary["sound"]) == {*tiny_data.SOUNDS, "speech", "dog bark"}
-  assert vocabulary["sound"]["dog bark"] == ("dog bark",)
-  assert set(vocabulary["speed"]) == set(tiny_data.SPEED_WORDS)
-
-
-@pytest.mark.parametrize(
-  "hypothesis, reference, errors",
-  [("a b c", "a b c", 0), ("a x c", "a b c", 1), ("a c", "a b c", 1), ("a b c d e", "a b c", 2), ("", "a b", 2),
-   ("b c d", "a b c", 2), ("c b a", "a b c", 2)],
-)
-def test_word_errors(hypothesis, reference, errors):
-  assert ltu_eval.word_errors(hypothesis.split(), reference.split()) == errors
-
-
-def test_wer_normalises_and_pools_the_corpus():
-  assert ltu_eval.word_error_rate(["Spoken text: The cat, sat!"], ["the cat sat"]) == 0.0
-  # 1 error in 2 words + 2 errors in 6 words: 3 / 8 over the corpus (not the mean of 50% and 33%)
-  wer = ltu_eval.word_error_rate(["hello", "a b c d e x y"], ["hello world", "a b c d e f"])
-  assert abs(wer - 100 * 3 / 8) < WER_TOL
-
-
-def test_score_rules_on_crafted_answers(test_records):
-  _, records = test_records
-  perfect = ltu_eval.score(records, [r["output"] for r in records])
-  tasks = collections.Counter(r["task"] for r in records)
-  assert set(perfect) == set(tiny_data.TASKS) and {t: s.n for t, s in perfect.items()} == tasks
-  assert perfect["asr"] == ("WER", 0.0, tasks["asr"], 100.0)
-  for task in set(tiny_data.TASKS) - {"asr"}:
-    assert perfect[task].value == 100.0 and perfect[task].chance < 100.0, task
-
-  def answers(rewrite):
-    return [rewrite(r) if rewrite(r) is not None else r["output"] for r in records]
-
-  # Every gender answer says "female": right exactly on the female speakers.
-  said_female = ltu_eval.score(records, answers(lambda r: "female" if r["task"] == "gender" else None))
-  genders = [r["labels"]["gender"] for r in records if r["task"] == "gender"]
-  assert said_female["gender"].value == 100 * genders.count("female") / len(genders)
-  # A mixed clip's answer naming its sound but not the speech, or a sound clip's naming a second sound: wrong.
-  sounds = [r for r in records if r["task"] == "sound"]
-  extra = ltu_eval.score(records, answers(lambda r: r["output"] + " And a whistle." if r["task"] == "sound" else None))
-  assert extra["sound"].value == 100 * sum(r["labels"]["sound"] == "whistle" for r in sounds) / len(sounds)
-  missing_speech = answers(lambda r: f"The sound of {r['labels']['sound']}." if r["task"] == "sound" else None)
-  mixed = sum(r["labels"]["speech"] and r["labels"]["sound"] != "speech" for r in sounds)
-  assert ltu_eval.score(records, missing_speech)["sound"].value == 100 * (len(sounds) - mixed) / len(sounds)
-  # Empty answers: accuracy 0 everywhere, WER 100 (all deletions).
-  empty = ltu_eval.score(records, [""] * len(records))
-  assert empty["asr"].value == 100.0
-  assert all(empty[t].value == 0.0 for t in ("gender", "speed", "pitch", "sound"))
-
-
-def test_compare_has_both_columns():
-  before = {"gender": ltu_eval.Score("accuracy", 50.0, 10, 60.0), "asr": ltu_eval.Score("WER", 120.0, 10, 100.0)}
-  after = {"gender": ltu_eval.Score("accuracy", 90.0, 10, 60.0), "asr": ltu_eval.Score("WER", 5.0, 10, 100.0)}
-  text = ltu_eval.compare(before, after)
-  header, _, gender, asr = text.splitlines()
-  assert header.split() == ["task", "metric", "n", "before", "after", "chance"]
-  assert gender.split() == ["gender", "accuracy", "%", "10", "50.0", "90.0", "60.0"]
-  assert asr.split() == ["asr", "WER", "%", "10", "120.0", "5.0", "100.0"]
-
-
-# ---------------------------------------------------------------------------------------------------
-# eval end to end
-
-
-def test_eval_writes_the_original_format(loaded, parts, test_records, tmp_path):
+def test_eval_writes_the_original_format(loaded, parts, test_records, tmp_path, embedder):
   path, records = test_records
-  out = tmp_path / "preds.jsonl"
   scores = ltu_eval.evaluate(
-    loaded, path, parts["features"], out=out, batch_size=BATCH, sampling=GREEDY, progress=False
+    loaded, path, parts["features"], out=tmp_path, batch_size=BATCH, sampling=GREEDY, progress=False, embedder=embedder
   )
-  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  rows = read_rows(tmp_path)
   assert len(rows) == len(records) and all(set(row) == ROW_KEYS for row in rows)
   assert [(r["prompt"], r["ref"], r["audio_id"], r["task"]) for r in rows] == [
     (r["instruction"], r["output"], r["audio_id"], r["task"]) for r in records
   ]
   assert all(isinstance(row["pred"], str) for row in rows)
   assert {t: s.n for t, s in scores.items()} == collections.Counter(r["task"] for r in records)
-  assert all(0.0 <= s.value <= 100.0 for t, s in scores.items() if s.metric == "accuracy")
-  assert scores["asr"].value >= 0.0
+  assert all(0.0 <= v <= 100.0 for s in scores.values() for m, v in s.metrics.items() if "accuracy" in m)
+  assert scores["asr"].metrics["WER %"] >= 0.0
+  summary = assert_reports(tmp_path, list(scores))
+  assert summary["tasks"]["speed"]["metrics"] == scores["speed"].metrics
   # The same answers again, greedy: the written predictions score as `evaluate` reported.
-  assert ltu_eval.score(records, [row["pred"] for row in rows]) == scores
+  assert ltu_eval.score(records, [row["pred"] for row in rows], embedder) == scores
+  assert {s.protocol for s in scores.values()} == set(eval_tasks.PROTOCOLS)  # every protocol, end to end
 
 
-def test_eval_scores_reference_answers_perfectly(loaded, parts, test_records, monkeypatch):
+def test_eval_scores_reference_answers_perfectly(loaded, parts, test_records, monkeypatch, embedder):
   path, records = test_records
-  monkeypatch.setattr(ltu_eval, "predict", lambda loaded, records, *args, **kwargs: [r["output"] for r in records])
-  scores = ltu_eval.evaluate(loaded, path, parts["features"], progress=False)
-  assert scores["asr"].value == 0.0
-  assert all(s.value == 100.0 for t, s in scores.items() if s.metric == "accuracy")
+  monkeypatch.setattr(eval_run, "predict", lambda loaded, records, *args, **kwargs: [r["output"] for r in records])
+  scores = ltu_eval.evaluate(loaded, path, parts["features"], progress=False, embedder=embedder)
+  assert scores["asr"].metrics["WER %"] == 0.0
+  assert all(s.metrics[m] == 100.0 for s in scores.values() for m in s.metrics if "keywords" in m or "rule" in m)
 
 
 def test_eval_cli_passes_its_options_and_prints_the_table(parts, test_records, tmp_path, capsys, monkeypatch):
@@ -188,18 +129,16 @@ def test_eval_cli_passes_its_options_and_prints_the_table(parts, test_records, t
     seen.update(options)
     return [r["output"] for r in records]
 
-  monkeypatch.setattr(ltu_eval, "predict", predict)
-  out = tmp_path / "preds.jsonl"
-  argv = ["--model", parts["ltu_as"], "--data", path, "--features", parts["features"], "--out", str(out),
+  monkeypatch.setattr(eval_run, "predict", predict)
+  argv = ["--model", parts["ltu_as"], "--data", path, "--features", parts["features"],
           "--limit", str(BATCH), "--batch-size", str(BATCH), "--max-new-tokens", str(NEW_TOKENS), "--greedy"]
   assert ltu_eval.main(argv) == 0
   assert seen["batch_size"] == BATCH and seen["mode"] == "joint"
   assert seen["sampling"] == dataclasses.replace(LTU_AS_SAMPLING, max_new_tokens=NEW_TOKENS, do_sample=False)
-  assert len(out.read_text().splitlines()) == BATCH
-  lines = capsys.readouterr().out.strip().splitlines()
+  rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in capsys.readouterr().out.strip().splitlines()]
   tasks = list(dict.fromkeys(r["task"] for r in records[:BATCH]))
-  assert [line.split()[0] for line in lines[2:]] == [t.split()[0] for t in tasks]
-  assert all(line.split()[-2] in ("100.0", "0.0") for line in lines[2:])  # accuracy 100, WER 0
+  assert [row[0] for row in rows[2:] if row[0]] == tasks
+  assert all(row[4] in ("100.0", "0.0") for row in rows[2:] if "keywords" in row[3] or "WER" in row[3])
 
 
 def test_eval_names_a_clip_without_features_or_audio(loaded, parts, tmp_path):
@@ -210,7 +149,7 @@ def test_eval_names_a_clip_without_features_or_audio(loaded, parts, tmp_path):
     ltu_eval.evaluate(loaded, path, parts["features"], progress=False)
 
 
-def test_eval_skip_bad_leaves_out_bad_records_and_clips_and_lists_them(loaded, parts, test_records, tmp_path, capsys):
+def test_eval_skip_bad_leaves_out_bad_records_and_clips_and_lists_them(loaded, parts, test_records, tmp_path, capsys, embedder):
   path, records = test_records
   corrupt = tmp_path / "corrupt.wav"
   corrupt.write_bytes(b"RIFF not really a wave file")
@@ -221,13 +160,93 @@ def test_eval_skip_bad_leaves_out_bad_records_and_clips_and_lists_them(loaded, p
   data_file.write_text(json.dumps(rows))
   with pytest.raises(ValueError, match="record 1: field 'input' is missing"):
     ltu_eval.evaluate(loaded, data_file, parts["features"], sampling=GREEDY, progress=False)
-  out = tmp_path / "preds.jsonl"
-  scores = ltu_eval.evaluate(loaded, data_file, parts["features"], out=out, sampling=GREEDY, progress=False, skip_bad=True)
+  out = tmp_path / "out"
+  scores = ltu_eval.evaluate(
+    loaded, data_file, parts["features"], out=out, sampling=GREEDY, progress=False, skip_bad=True, embedder=embedder
+  )
   assert sum(s.n for s in scores.values()) == 2
-  assert [json.loads(line)["audio_id"] for line in open(out)] == [records[0]["audio_id"], records[1]["audio_id"]]
+  assert [row["audio_id"] for row in read_rows(out)] == [records[0]["audio_id"], records[1]["audio_id"]]
   err = capsys.readouterr().err
   assert "left out 1 bad records" in err and "questions about 2 clips" in err
   assert f"  {corrupt}: cannot compute features of audio {corrupt}" in err and "  /nowhere/clip.wav: audio file" in err
+  assert {item for item, _ in json.load(open(out / "summary.json"))["left_out"]} == {str(corrupt), "/nowhere/clip.wav"}
+
+
+@pytest.fixture
+def mmau_file(parts, tmp_path):
+  """An MMAU-format file: tiny_data's multiple-choice items about the cached clips, their audio paths
+  relative to the clips' folder, and one more item about a corrupt clip (given by its absolute path)."""
+  cached = sorted({r["audio_id"] for r in json.load(open(parts["train"]))})[:4]
+  audio_dir = os.path.commonpath(cached)
+  rng = np.random.default_rng(0)
+  items = [
+    {**item, "audio_id": "./" + os.path.relpath(audio_id, audio_dir)}
+    for clip, audio_id in zip(tiny_data.plan_clips(0, 0, len(cached)), cached)
+    for item in tiny_data.choice_items(clip, audio_id, "", rng)
+  ]
+  corrupt = tmp_path / "corrupt.wav"
+  corrupt.write_bytes(b"RIFF not really a wave file")
+  items.append({**items[0], "id": "bad", "audio_id": str(corrupt)})
+  path = tmp_path / "mmau.json"
+  path.write_text(json.dumps(items))
+  return str(path), audio_dir, items, str(corrupt)
+
+
+def test_eval_on_an_mmau_file_reports_per_category_resumes_and_skips_bad_clips(parts, mmau_file, tmp_path, capsys, monkeypatch):
+  path, audio_dir, items, corrupt = mmau_file
+  asked = []
+  predict = eval_run.predict
+  monkeypatch.setattr(eval_run, "predict", lambda loaded, records, *a, **k: asked.append(len(records)) or predict(loaded, records, *a, **k))
+  out = str(tmp_path / "out")
+  argv = ["--model", parts["ltu_as"], "--data", path, "--audio-dir", audio_dir, "--features", parts["features"],
+          "--out", out, "--greedy", "--max-new-tokens", str(NEW_TOKENS), "--batch-size", str(BATCH)]
+  with pytest.raises(ValueError, match=f"{re.escape(path)}: .*{re.escape(corrupt)}"):
+    ltu_eval.main(argv)
+  # the corrupt clip is in the third batch: the two batches before it are kept, and a rerun resumes from them
+  assert asked == [len(items)] and len(read_rows(out)) == 2 * BATCH
+  assert ltu_eval.main([*argv, "--skip-bad"]) == 0
+  good = len(items) - 1
+  rows = read_rows(out)
+  assert asked[1:] == [len(items) - 2 * BATCH] and len(rows) == good and all(set(row) == ROW_KEYS for row in rows)
+  assert [row["ref"] for row in rows] == [item["answer"] for item in items[:-1]]
+  assert all("Choose one: (A) " in row["prompt"] for row in rows)
+  captured = capsys.readouterr()
+  assert captured.err.rstrip().splitlines()[-1].startswith(f"  {corrupt}: cannot compute features of audio")
+  categories = list(dict.fromkeys(item["task"] for item in items))
+  summary = assert_reports(out, [*categories, "all (multiple choice)"])
+  assert summary["tasks"]["all (multiple choice)"]["n"] == good
+  assert all(t["protocol"] == "multiple choice" for t in summary["tasks"].values())
+  # Rerun: only the bad clip is tried again, the table is the same; a lost tail of answers is answered again.
+  assert ltu_eval.main([*argv, "--skip-bad"]) == 0
+  assert asked[2:] == [1] and read_rows(out) == rows and capsys.readouterr().out == captured.out
+  with open(os.path.join(out, "predictions.jsonl"), "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows[:-3])
+  assert ltu_eval.main([*argv, "--skip-bad"]) == 0
+  assert asked[3:] == [3 + 1] and read_rows(out) == rows and capsys.readouterr().out == captured.out
+  with pytest.raises(ValueError, match="holds predictions made with other settings"):
+    ltu_eval.main([*argv, "--skip-bad", "--max-new-tokens", str(NEW_TOKENS + 1)])
+
+
+def test_eval_transcribes_the_clips_of_items_without_a_transcript_once(loaded, parts, wavs, tmp_path, monkeypatch, embedder):
+  items = [
+    {"id": i, "audio_id": os.path.basename(wav), "question": "Which?", "choices": ["speech", "tone"], "answer": answer, "task": "sound"}
+    for i, (wav, answer) in enumerate(zip(wavs, ["speech", "tone"]))
+  ]
+  path = tmp_path / "mmau.json"
+  path.write_text(json.dumps(items + [{**items[0], "id": 2, "question": "Again?"}]))
+  heard = []
+  transcribe_batch = transcribe.transcribe_batch
+  monkeypatch.setattr(transcribe, "transcribe_batch", lambda whisper, waveforms: heard.append(len(waveforms)) or transcribe_batch(whisper, waveforms))
+  out = tmp_path / "out"
+  options = dict(out=out, audio_dir=parts["root"], sampling=GREEDY, progress=False, embedder=embedder)
+  scores = ltu_eval.evaluate(loaded, path, parts["features"], **options)
+  assert heard == [2] and scores["sound"].n == 3  # the two clips in one batch, each once
+  transcripts = json.load(open(out / "transcripts.json"))
+  assert set(transcripts) == set(wavs) and all(isinstance(t, str) for t in transcripts.values())
+  (out / "predictions.jsonl").write_text("")  # answered anew, from the kept transcripts
+  assert ltu_eval.evaluate(loaded, path, parts["features"], **options) == scores and heard == [2]
+  ltu_eval.evaluate(loaded, path, parts["features"], **{**options, "out": tmp_path / "audio_only"}, mode="audio_only")
+  assert heard == [2]  # audio_only: no prompt transcript, no transcription
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -48,10 +48,18 @@ def test_smoke_run_goes_end_to_end(workdir):
   check_stages(workdir, ("tiny_stage1", "tiny_stage2", "tiny_stage3"))
   assert os.path.isfile(workdir / "cache/models/ltu_as-tiny-tagged/ltu_jax.json")
   for name in ("untrained", "trained"):
-    assert len(open(workdir / f"runs/tiny_predictions_{name}.jsonl").readlines()) == tiny.SMOKE.limit
+    for split in tiny.SPLITS:
+      out = workdir / tiny.EVAL_DIR / f"{name}_{split}"
+      assert len(open(out / "predictions.jsonl").readlines()) == tiny.SMOKE.limit
+      assert {"summary.md", "summary.json", "scores.png"} <= set(os.listdir(out))
   ltu_as = section(open(workdir / "runs/tiny_report.md").read(), "LTU-AS")
-  assert "before" in ltu_as and "after" in ltu_as
   assert ltu_as in result.stdout
+  # both readings of the held-out split, and the multiple-choice accuracy, before and after training
+  held_out, choices = ltu_as.split("### ")[1:]
+  header = "| task | n | metric | before | after | chance |"
+  assert all(header in " ".join(part.split()) for part in (held_out, choices))
+  assert "accuracy (embedding) %" in held_out and "accuracy (keywords) %" in held_out and "WER %" in held_out
+  assert "test_choices.json" in choices and "accuracy %" in choices
   # It ends with the command that opens the web demo on the trained model.
   trained = os.path.join("runs", "tiny_stage3", "model")
   python, command = result.stdout.splitlines()[-1].split(" -m ", 1)
@@ -65,7 +73,8 @@ def test_ltu_smoke_run_reports_beside_ltu_as(workdir):
   check_stages(workdir, [f"tiny_ltu_stage{i}" for i in (1, 2, 3, 4)])
   assert json.load(open(workdir / "runs/tiny_ltu_stage4/model/ltu_jax.json"))["kind"] == "ltu"
   for name in ("untrained", "trained"):
-    assert len(open(workdir / f"runs/tiny_predictions_ltu_{name}.jsonl").readlines()) == tiny.SMOKE.limit
+    for split in tiny.SPLITS:
+      assert len(open(workdir / tiny.EVAL_DIR / f"ltu_{name}_{split}" / "predictions.jsonl").readlines()) == tiny.SMOKE.limit
   report = open(workdir / "runs/tiny_report.md").read()
   ltu = section(report, "LTU")
   assert "before" in ltu and "no transcript" in ltu and ltu in result.stdout

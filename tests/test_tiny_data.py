@@ -87,6 +87,41 @@ def test_splits_are_disjoint_and_classification_is_the_closed_ended_part_of_trai
   assert len({r["instruction"] for r in train}) > len(tiny_data.TASKS)
 
 
+def test_closed_ended_records_carry_their_label_and_the_label_file_lists_every_class(out_dir):
+  names = json.load(open(out_dir / "labels.json"))
+  assert names == tiny_data.class_names() and set(names) == set(tiny_data.CLASSIFICATION_TASKS)
+  for record in read_split(out_dir, "train") + read_split(out_dir, "test"):
+    task, labels = record["task"], record["labels"]
+    if task not in tiny_data.CLASSIFICATION_TASKS:
+      assert "label" not in record
+      continue
+    if task == "sound":
+      assert record["label"] == ["speech"] * labels["speech"] + [labels["sound"]] * (labels["sound"] != "speech")
+    else:
+      assert record["label"] == labels[task]
+    assert set(record["label"] if task == "sound" else [record["label"]]) <= set(names[task])
+
+
+def test_choice_split_asks_about_the_test_clips_in_mmau_format(out_dir):
+  items, test = read_split(out_dir, "test_choices"), read_split(out_dir, "test")
+  labels = {r["audio_id"]: r["labels"] for r in test}
+  inputs = {r["audio_id"]: r["input"] for r in test}
+  assert {item["audio_id"] for item in items} == set(labels)
+  asked = {(item["audio_id"], item["sub-category"]) for item in items}
+  assert len(asked) == len(items)
+  for audio_id, truth in labels.items():  # speech: gender, speed, pitch; a sound besides: sound
+    expected = ({"gender", "speed", "pitch"} if truth["speech"] else set()) | ({"sound"} if truth["sound"] != "speech" else set())
+    assert {task for clip, task in asked if clip == audio_id} == expected
+  for item in items:
+    task = item["sub-category"]
+    assert item["answer"] == labels[item["audio_id"]][task] and item["answer"] in item["choices"]
+    assert sorted(item["choices"]) == sorted(set(item["choices"]))
+    assert len(item["choices"]) == (tiny_data.MC_SOUND_CHOICES if task == "sound" else len(tiny_data.class_names()[task]))
+    assert item["task"] == ("sound" if task == "sound" else "speech") and item["input"] == inputs[item["audio_id"]]
+    assert item["question"] == tiny_data.CHOICE_QUESTIONS[task]
+  assert len({item["choices"].index(item["answer"]) for item in items}) > 1  # the right choice is not always first
+
+
 def test_answers_name_their_labels(out_dir):
   for record in read_split(out_dir, "train") + read_split(out_dir, "test"):
     labels, output, task = record["labels"], record["output"], record["task"]

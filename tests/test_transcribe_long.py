@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from ltu_jax import audio, frontend, transcribe
-from ltu_jax.eval import normalize_transcript, word_error_rate
+from ltu_jax.eval.metrics import transcript_words, word_error_rate
 from tests.helpers import LONG_SPEECH, espeak_speech, recording
 
 SAMPLE_RATE = audio.SAMPLE_RATE
@@ -79,9 +79,9 @@ def sentences(tmp_path_factory) -> list[np.ndarray]:
 
 def sentences_found(transcript: str, sentences: list[str]) -> list[float]:
   """Per sentence, the share of its words that one in-order alignment of the whole text matches."""
-  words = [normalize_transcript(sentence) for sentence in sentences]
+  words = [transcript_words(sentence) for sentence in sentences]
   reference = [word for sentence in words for word in sentence]
-  matcher = difflib.SequenceMatcher(a=reference, b=normalize_transcript(transcript), autojunk=False)
+  matcher = difflib.SequenceMatcher(a=reference, b=transcript_words(transcript), autojunk=False)
   matched = np.zeros(len(reference), bool)
   for block in matcher.get_matching_blocks():
     matched[block.a : block.a + block.size] = True
@@ -108,7 +108,7 @@ def test_long_and_short_recordings_transcribe_whole(tiny_en, tiny_en_folder, sen
     found = sentences_found(text, [text for _, _, text in LONG_SPEECH[:count]])
     assert min(found) >= SENTENCE_FOUND, (count, found, text)
     # Nothing repeated: the transcript is not much longer than what was said.
-    assert len(normalize_transcript(text)) <= 1.1 * len(normalize_transcript(reference)), text
+    assert len(transcript_words(text)) <= 1.1 * len(transcript_words(reference)), text
     assert (wer := word_error_rate([text], [reference])) <= LONG_FORM_WER, (count, wer, text)
   # A clip of at most 30 s decodes exactly as it did before long-form (its window is last, in a batch alone).
   ids = transcribe.greedy_tokens(tiny_en, [waveforms[SHORT_SENTENCES]])[0]
