@@ -146,6 +146,7 @@ class StubEncoder:
   """What `extract_features.extract` needs of `WhisperFeatures`: clip i's features are all i + 1."""
 
   shape = FEATURE_SHAPE
+  storage_dtype = np.float16
 
   def __init__(self, clips):
     self.index = {clip: i for i, clip in enumerate(clips)}
