@@ -1,6 +1,6 @@
 """Whisper encoder speed on CPU, ours (jitted) against PyTorch, as shares of what the machine can do.
 
-    .venv/bin/python bench/encoder_speed.py [--sizes tiny base] [--seconds 10 30] [--rounds 3] [--repeats 5]
+    .venv/bin/python bench/encoder_speed.py [--sizes tiny base] [--seconds 10 30] [--rounds 3] [--repeats 5] [--cores N]
 
 Each round runs one JAX process, then one PyTorch process (never both frameworks in one process: each
 brings its own thread pools), so a slow spell of a shared machine falls on both. Each process measures,
@@ -9,6 +9,8 @@ the encoder (all block outputs, as LTU-AS reads them) on 10 s and 30 s of mel fo
 calls after a warm-up (compile) call. The figures are medians over every call of every round, with the
 spread (min–max). The compute bound of an encoder is its matmul FLOPs (convolutions, projections, MLP,
 attention) at the better of the two GEMM peaks; "% bound" is that time over the measured one.
+`--cores N` pins both processes to the first N cores (each framework sizes its thread pool to them), to
+compare the frameworks' kernels on one core apart from how each spreads work over several.
 Weights are random on both sides (speed does not depend on their values); PyTorch runs transformers'
 `WhisperEncoder` as users get it (SDPA attention, default threads).
 """
@@ -139,9 +141,12 @@ def main() -> None:
   parser.add_argument("--seconds", nargs="+", type=int, default=[10, 30], choices=[10, 20, 30])
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--cores", type=int, help="pin both frameworks to the first N cores (default: all)")
   parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
+    if args.cores:  # before either framework starts its thread pools
+      os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
     worker = jax_worker if args.worker == "jax" else torch_worker
     print(json.dumps(worker(args.sizes, args.seconds, args.repeats)))
     return
@@ -151,6 +156,7 @@ def main() -> None:
   for _ in range(args.rounds):
     for framework in runs:
       command = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--repeats", str(args.repeats)]
+      command += ["--cores", str(args.cores)] if args.cores else []
       command += ["--sizes", *args.sizes, "--seconds", *map(str, args.seconds)]
       output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
       runs[framework].append(json.loads(output.splitlines()[-1]))
@@ -158,7 +164,8 @@ def main() -> None:
   calls = {fw: {name: [t for run in rs for t in run[name]] for name in rs[0] if name != "version"} for fw, rs in runs.items()}
   load_after = os.getloadavg()
 
-  print(f"{cpu_model()}, {os.cpu_count()} cores; {runs['jax'][0]['version']}; {runs['torch'][0]['version']}; fp32")
+  cores = f"pinned to {args.cores} of {os.cpu_count()} cores" if args.cores else f"{os.cpu_count()} cores"
+  print(f"{cpu_model()}, {cores}; {runs['jax'][0]['version']}; {runs['torch'][0]['version']}; fp32")
   print(f"load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after; {args.rounds} rounds × {args.repeats} calls")
   print("median (min–max) over all calls")
   for fw, measured in calls.items():
