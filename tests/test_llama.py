@@ -16,7 +16,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from conversion import rules
 from conversion.hf_llama import config_from_hf, load_llama
-from ltu_jax.models.llama import MLP, Llama, LlamaConfig
+from ltu_jax.models.llama import DecoderLayer, Llama, LlamaConfig, attention_inputs
 from ltu_jax.models.lora import LoRAConfig, LoRAParam, bernoulli
 from tests.helpers import max_abs_diff, numpy_state_dict
 
@@ -206,7 +206,7 @@ def test_lora_dropout_only_with_a_key():
 
 
 def test_gradients_match_peft():
-  """The backward pass (the MLP's `gated` recomputes its sigmoid) gives PyTorch's gradients of a loss over the
+  """The backward pass (the norms and the MLP's `gated` recompute) gives PyTorch's gradients of a loss over the
   logits, with respect to the input embeddings (what stage 1 trains through) and to every LoRA adapter."""
   targets = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
   reference = peft_model("gqa_tied", targets, 4, 12.0)
@@ -242,13 +242,18 @@ def test_gradients_match_peft():
       assert close(np.asarray(grad.get_value())[layer], torch_grads[name].grad.numpy().T), name
 
 
-def test_mlp_keeps_gate_and_up_for_the_backward_pass(capsys):
-  """With frozen weights, the MLP's backward pass needs only the gate and up projections a layer, not the
-  sigmoid and products of `silu(gate) * up` (issue #15: five `[batch, len, mlp]` arrays a layer before)."""
+def test_a_layer_keeps_little_for_the_backward_pass(capsys):
+  """With frozen weights, a decoder layer's backward pass needs, besides attention's own, only the layer's input
+  and its input plus attention (the norms recompute from them) and the gate and up projections (`silu(gate) *
+  up` recomputes its sigmoid). Issue #15: six `[batch, len, embed]` and five `[batch, len, mlp]` arrays before."""
   config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=48, num_layers=1, num_heads=2, num_kv_heads=1)
-  mlp = MLP(config, rngs=nnx.Rngs(0))
-  print_saved_residuals(lambda x: mlp(x, None).sum(), jnp.ones((2, 5, 16)))
-  assert capsys.readouterr().out.count("f32[2,5,48]") == 2
+  layer = DecoderLayer(config, rngs=nnx.Rngs(0))
+  _, mask, _ = attention_inputs(jnp.ones((2, 5), jnp.int32), None)
+  positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+  print_saved_residuals(lambda x: layer(x, positions, mask, None, None, None)[0].sum(), jnp.ones((2, 5, 16)))
+  saved = capsys.readouterr().out
+  assert saved.count("f32[2,5,16]") == 2
+  assert saved.count("f32[2,5,48]") == 2
 
 
 def test_dropout_masks_are_independent_draws_at_the_rate():
