@@ -18,7 +18,8 @@ own malloc), so a slow spell of a shared machine falls on both. Each process mea
 steps after a warm-up step. Step times are medians (min–max) over every step of every round; the ratio is
 PyTorch's median seconds per step over ours (above 1: we are faster). Beside each side's time, its model
 FLOPs utilisation: the step's matmul FLOPs (`step_flops`) over its median time, as a share of the median
-matmul peak that the same framework's processes measured.
+matmul peak that the same framework's processes measured; last, our bound: the step's FLOPs at JAX's peak
+(what 100% MFU would take) and PyTorch's time over it, the most that the ratio can reach without fewer FLOPs.
 
 Sizes come from `cache/models/ltu_as-tiny` when the tiny pipeline has converted it, else from the
 embedded default below (the same sizes); weights are random either way, speed does not depend on them.
@@ -285,6 +286,7 @@ def main() -> None:
         "steps; medians (min–max) over all steps")
   header = f"{'config':12s} {'batch':>5s} {'compile s':>9s} {'GFLOP':>6s} {'step s':>18s} {'samples/s':>9s} {'tokens/s':>8s} {'MFU':>5s}"
   print(header + ("" if args.no_torch else f" {'torch s':>18s} {'torch MFU':>9s} {'torch/ours':>10s}"))
+  bounds_line = []
   for name in args.configs:
     row = first["configs"][name]
     flops, rows = row["flops"], row["rows"]
@@ -296,6 +298,9 @@ def main() -> None:
     if not args.no_torch:
       line += f" {common.spread(pooled('torch', name, 'step_s')):>18s} {mfu['torch']:9.0%} {seconds['torch'] / seconds['jax']:10.2f}"
     print(line, flush=True)
+    bounds_line.append(f"{name} {flops / peaks['jax']:.2f} s" + ("" if args.no_torch else f" ({seconds['torch'] * peaks['jax'] / flops:.2f}× PyTorch's step)"))
+  # What no step of ours can beat without doing fewer FLOPs: all of them at the measured GEMM peak.
+  print("our bound, the step's FLOPs at JAX's matmul peak: " + "; ".join(bounds_line))
 
 
 if __name__ == "__main__":
