@@ -81,8 +81,8 @@ def bernoulli(key: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
   draw from a counter-based integer hash seeded by two words of `key`, for dropout masks.
 
   On CPU JAX lowers its threefry generator as rolled loops that pass over the whole array every round: about
-  3.5 ns an element, 1.4 ms for one `[4, 89, 576]` mask and 90 ms of a tiny training step's 1.3 s (LoRA
-  dropout on q and v in 30 layers); the hash is one fused elementwise pass, about 0.1 ms (issue #15).
+  7 ns an element, 1.4 ms for one `[4, 89, 576]` mask, so some 90 ms of a tiny training step's 1.3 s (LoRA
+  dropout on q and v in 30 layers); the hash is one fused elementwise pass, about 0.2 ms (issue #15).
   """
   seeds = jax.random.bits(key, (2,), jnp.uint32)
   counter = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
