@@ -122,13 +122,13 @@ def generate(
     The new tokens of each row, in the order given.
   """
   request = _Request.of(input_ids, attention_mask, context, sampling, eos_ids, pad_id, key, suppress)
-  model = decoding_form(model)
+  graphdef, params = nnx.split(decoding_form(model))
   chunks = []
   for start in range(0, len(request.input_ids), BATCH_BUCKETS[-1]):
     chunk = request.rows(slice(start, start + BATCH_BUCKETS[-1]))
     chunk = chunk if start == 0 else dataclasses.replace(chunk, key=jax.random.fold_in(request.key, start))
     padded, batch = chunk.bucketed()
-    out = _generate(model, padded.context, padded.input_ids, padded.attention_mask, padded.active, padded.key,
+    out = _generate(graphdef, params, padded.context, padded.input_ids, padded.attention_mask, padded.active, padded.key,
                     padded.suppress, padded.sampling, padded.eos_ids, padded.pad_id)
     chunks.append((out.tokens[:batch], out.lengths[:batch]))
   return Generated(*(jnp.concatenate(parts) for parts in zip(*chunks)))
@@ -240,8 +240,11 @@ class _State(NamedTuple):
   cache: Any
 
 
-@functools.partial(nnx.jit, static_argnames=("sampling", "eos_ids", "pad_id"))
-def _generate(model, context, input_ids, attention_mask, active, key, suppress, sampling, eos_ids, pad_id) -> Generated:
+# `jax.jit` of the split model, not `nnx.jit`: nnx.jit writes the model's arrays back after each call as new
+# array objects, which made `llama.fused_layers` rebuild the decoding layout on every call.
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "pad_id"))
+def _generate(graphdef, params, context, input_ids, attention_mask, active, key, suppress, sampling, eos_ids, pad_id) -> Generated:
+  model = nnx.merge(graphdef, params)
   rules = (sampling, eos_ids, pad_id)
   state, carry = _start(model, context, input_ids, attention_mask, active, key, suppress, *rules)
 
