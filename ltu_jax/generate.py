@@ -3,12 +3,14 @@
 A model speaks the engine's protocol, and the engine never looks at what its context is (audio features,
 a log-mel, nothing):
 - `init_cache(batch, max_len)` → an empty `KVCache`;
-- `prefill(context, input_ids, attention_mask, cache)` → (logits `[batch, len, vocab]`, cache, carry): the
-  prompt (with the context, e.g. LTU-AS's audio or Whisper's mel) goes in;
+- `prefill(context, input_ids, attention_mask, cache)` → (logits `[batch, len or 1, vocab]`, cache, carry):
+  the prompt (with the context, e.g. LTU-AS's audio or Whisper's mel) goes in; only the last position's
+  logits are read, so a model may compute those alone;
 - `decode_step(carry, input_ids [batch, 1], cache)` → (logits `[batch, 1, vocab]`, cache): one token more
   (`carry` is what the prefill computed once, e.g. Whisper's cross-attention keys and values).
 - optionally `for_decoding()` → a model of this protocol that the engine decodes with instead (the LLMs'
-  per-layer layout, `llama.Decoding`: the same parameters, laid out for memory-bound steps).
+  per-layer layout, `llama.Decoding`: the same parameters, laid out for memory-bound steps, the prompt's
+  pass included).
 
 Prefill and the decode loop are one jitted function (a `while_loop`: one dispatch per batch, no host round
 trip per token, and it stops once every row has ended). Its shapes come from a short fixed list: the batch

@@ -264,7 +264,6 @@ class Llama(nnx.Module):
       raise ValueError("an LLM takes no audio; audio needs an audio model such as LTU-AS")
     return self.embed_tokens(input_ids), attention_mask
 
-  # The decoding engine's protocol (`ltu_jax.generate`).
   def prefill(self, context, input_ids, attention_mask, cache):
     """Text only: `context` must be None; returns (logits, cache, None)."""
     embeds, attention_mask = self.prompt_embeddings(context, input_ids, attention_mask)
