@@ -3,12 +3,14 @@
 A model speaks the engine's protocol, and the engine never looks at what its context is (audio features,
 a log-mel, nothing):
 - `init_cache(batch, max_len)` → an empty `KVCache`;
-- `prefill(context, input_ids, attention_mask, cache)` → (logits `[batch, len, vocab]`, cache, carry): the
-  prompt (with the context, e.g. LTU-AS's audio or Whisper's mel) goes in;
+- `prefill(context, input_ids, attention_mask, cache)` → (logits `[batch, len or 1, vocab]`, cache, carry):
+  the prompt (with the context, e.g. LTU-AS's audio or Whisper's mel) goes in; only the last position's
+  logits are read, so a model may compute those alone;
 - `decode_step(carry, input_ids [batch, 1], cache)` → (logits `[batch, 1, vocab]`, cache): one token more
   (`carry` is what the prefill computed once, e.g. Whisper's cross-attention keys and values).
 - optionally `for_decoding()` → a model of this protocol that the engine decodes with instead (the LLMs'
-  per-layer layout, `llama.Decoding`: the same parameters, laid out for memory-bound steps).
+  per-layer layout, `llama.Decoding`: the same parameters, laid out for memory-bound steps, the prompt's
+  pass included).
 
 Prefill and the decode loop are one jitted function (a `while_loop`: one dispatch per batch, no host round
 trip per token, and it stops once every row has ended). Its shapes come from a short fixed list: the batch
@@ -122,13 +124,13 @@ def generate(
     The new tokens of each row, in the order given.
   """
   request = _Request.of(input_ids, attention_mask, context, sampling, eos_ids, pad_id, key, suppress)
-  model = decoding_form(model)
+  graphdef, params = nnx.split(decoding_form(model))
   chunks = []
   for start in range(0, len(request.input_ids), BATCH_BUCKETS[-1]):
     chunk = request.rows(slice(start, start + BATCH_BUCKETS[-1]))
     chunk = chunk if start == 0 else dataclasses.replace(chunk, key=jax.random.fold_in(request.key, start))
     padded, batch = chunk.bucketed()
-    out = _generate(model, padded.context, padded.input_ids, padded.attention_mask, padded.active, padded.key,
+    out = _generate(graphdef, params, padded.context, padded.input_ids, padded.attention_mask, padded.active, padded.key,
                     padded.suppress, padded.sampling, padded.eos_ids, padded.pad_id)
     chunks.append((out.tokens[:batch], out.lengths[:batch]))
   return Generated(*(jnp.concatenate(parts) for parts in zip(*chunks)))
@@ -240,8 +242,11 @@ class _State(NamedTuple):
   cache: Any
 
 
-@functools.partial(nnx.jit, static_argnames=("sampling", "eos_ids", "pad_id"))
-def _generate(model, context, input_ids, attention_mask, active, key, suppress, sampling, eos_ids, pad_id) -> Generated:
+# `jax.jit` of the split model, not `nnx.jit`: nnx.jit writes the model's arrays back after each call as new
+# array objects, which made `llama.fused_layers` rebuild the decoding layout on every call.
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "pad_id"))
+def _generate(graphdef, params, context, input_ids, attention_mask, active, key, suppress, sampling, eos_ids, pad_id) -> Generated:
+  model = nnx.merge(graphdef, params)
   rules = (sampling, eos_ids, pad_id)
   state, carry = _start(model, context, input_ids, attention_mask, active, key, suppress, *rules)
 

@@ -15,7 +15,7 @@ from transformers.generation import logits_process
 
 from conversion.hf_llama import config_from_hf, load_llama
 from ltu_jax import generate as gen
-from ltu_jax.models.llama import Llama, fused_layers
+from ltu_jax.models.llama import Llama, decoding_layout
 from ltu_jax.models.lora import LoRAConfig, LoRAParam
 from ltu_jax.models.ltu_as import LtuAs, LtuAsConfig
 from ltu_jax.models.tltr import TLTRConfig
@@ -188,6 +188,7 @@ def test_generation_through_ltu_as_equals_argmax_over_full_forwards():
   for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):  # wide weights: far from ties, as above
     var.set_value(var.get_value() * 10)
   features = np.random.default_rng(0).normal(size=(len(PROMPTS), 3, 4, 32)).astype(np.float32)
+  assert gen.decoding_form(model).llm is model.llm  # it decodes through its LLM's decoding layout
   out = run(model, PROMPTS, context=features).tokens
   forward = nnx.jit(lambda m, f, ids, mask: m(f, ids, mask)[0])
   for row, prompt in enumerate(PROMPTS):
@@ -231,13 +232,15 @@ def test_decoding_layout_with_merged_adapters_equals_the_scanned_layers(model):
 
   @nnx.jit
   def step(decoder, ids, mask, next_ids):
+    """(the prompt's last logits, the next step's logits)."""
     cache = decoder.init_cache(len(ids), ids.shape[1] + 1)
-    _, cache, carry = decoder.prefill(None, ids, mask, cache)
-    return decoder.decode_step(carry, next_ids, cache)[0]
+    logits, cache, carry = decoder.prefill(None, ids, mask, cache)
+    return logits[:, -1], decoder.decode_step(carry, next_ids, cache)[0]
 
-  layout, scanned = (np.asarray(step(d, ids, mask, next_ids)) for d in (adapted.for_decoding(), adapted))
-  assert max_abs_diff(layout, scanned) <= LAYOUT_TOL * np.max(np.abs(scanned))
-  assert max_abs_diff(scanned, np.asarray(step(model, ids, mask, next_ids))) > 0.1  # the adapters do count
+  layout, scanned = (step(d, ids, mask, next_ids) for d in (adapted.for_decoding(), adapted))
+  for ours, theirs in zip(layout, scanned):  # the prompt's pass, then a step: both in the decoding layout
+    assert max_abs_diff(ours, theirs) <= LAYOUT_TOL * np.max(np.abs(theirs))
+  assert max_abs_diff(scanned[1], step(model, ids, mask, next_ids)[1]) > 0.1  # the adapters do count
   forward = nnx.jit(lambda m, ids, mask: m(ids, mask)[0])
   out = run(adapted, PROMPTS).tokens
   for row, prompt in enumerate(PROMPTS):
@@ -246,12 +249,13 @@ def test_decoding_layout_with_merged_adapters_equals_the_scanned_layers(model):
 
 def test_decoding_layout_is_built_once_and_never_stale(model):
   adapted = with_adapters(model, seed=2)
-  first = fused_layers(adapted)
-  assert fused_layers(adapted) is first  # kept while the parameters are the same arrays
+  first = decoding_layout(adapted)
+  assert decoding_layout(adapted) is first  # kept while the parameters are the same arrays
   before = run(adapted, PROMPTS).tokens
+  assert decoding_layout(adapted) is first  # a decode leaves the parameters as they were
   # An update (as a training step makes) replaces the arrays: the next decode rebuilds the layout.
   nnx.update(adapted, nnx.state(with_adapters(model, seed=3), LoRAParam))
-  assert fused_layers(adapted) is not first
+  assert decoding_layout(adapted) is not first
   after = run(adapted, PROMPTS).tokens
   assert not np.array_equal(before, after)
   forward = nnx.jit(lambda m, ids, mask: m(ids, mask)[0])

@@ -122,17 +122,17 @@ class Attention(nnx.Module):
     return self.o_proj(out, keys[3]), kv
 
 
-def rotary_attention(config: LlamaConfig, q, k, v, positions, mask, kv, index):
+def rotary_attention(config: LlamaConfig, q, k, v, positions, mask, kv, index, attend=layers.attention):
   """Projected queries `[batch, len, heads * head_dim]`, keys and values `[batch, len, kv_heads * head_dim]`
   → (attention output `[batch, len, heads * head_dim]`, this layer's keys and values, the cache's when `kv`
-  (its `(key, value)`) is given, written at slot `index`)."""
+  (its `(key, value)`) is given, written at slot `index`); `attend` is `layers.attention` or one like it."""
   inv_freq = rope_frequencies(config)
   q = apply_rope(layers.split_heads(q, config.num_heads), positions, inv_freq)
   k = apply_rope(layers.split_heads(k, config.num_kv_heads), positions, inv_freq)
   v = layers.split_heads(v, config.num_kv_heads)
   if kv is not None:
     k, v = layers.write(kv[0], k, index), layers.write(kv[1], v, index)
-  return layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask), (k, v)
+  return attend(q, k.astype(q.dtype), v.astype(q.dtype), mask), (k, v)
 
 
 class MLP(nnx.Module):
@@ -272,12 +272,17 @@ class Llama(nnx.Module):
     return self.logits(hidden), cache
 
   # The decoding engine's protocol (`ltu_jax.generate`).
-  def prefill(self, context, input_ids, attention_mask, cache):
-    """Text only: `context` must be None; returns (logits, cache, None)."""
+  def prompt_embeddings(self, context, input_ids, attention_mask):
+    """Text only: `context` must be None; returns (embeddings `[batch, len, embed]`, `attention_mask`)."""
     if context is not None:
       raise ValueError("an LLM takes no audio; audio needs an audio model such as LTU-AS")
-    logits, cache = self(input_ids, attention_mask, cache=cache)
-    return logits, cache, None
+    return self.embed_tokens(input_ids), attention_mask
+
+  def prefill(self, context, input_ids, attention_mask, cache):
+    """Text only: `context` must be None; returns (logits, cache, None)."""
+    embeds, attention_mask = self.prompt_embeddings(context, input_ids, attention_mask)
+    hidden, cache = self.hidden(embeds, attention_mask, continued_positions(attention_mask, cache), cache)
+    return self.logits(hidden), cache, None
 
   def decode_step(self, context, input_ids, cache):
     del context
@@ -286,19 +291,6 @@ class Llama(nnx.Module):
   def for_decoding(self) -> "Decoding":
     """This model in the decoding layout (`Decoding`), which the engine decodes with."""
     return Decoding(self, self)
-
-  def decode_fused(self, fused: nnx.List, input_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """`decode_step` through `fused_layers(self)`, on a cache whose keys and values are lists of per-layer
-    `[batch, max_len, kv_heads, head_dim]` arrays (each written in place)."""
-    cfg = self.config
-    attention_mask = jnp.ones_like(input_ids)
-    positions = continued_positions(attention_mask, cache)
-    cache, mask, index = attention_inputs(attention_mask, cache)
-    keys, values = list(cache.key), list(cache.value)
-    x = self.embed_tokens(input_ids).astype(cfg.dtype)
-    for i, layer in enumerate(fused):
-      x, (keys[i], values[i]) = layer(x, positions, mask, (keys[i], values[i]), index)
-    return self.logits(self.norm(x).astype(cfg.dtype)), cache.replace(key=keys, value=values)
 
 
 def continued_positions(attention_mask: jax.Array, cache: KVCache | None) -> jax.Array:
@@ -320,7 +312,8 @@ def attention_inputs(attention_mask: jax.Array, cache: KVCache | None) -> tuple[
 
 # The decoding layout. Inside `lax.scan` over stacked layers XLA copies each layer's weight slice before its
 # matmul (read, write, read again), so a memory-bound decode step reads the weights three times. Decoding
-# instead runs an unrolled loop over per-layer arrays, q|k|v and gate|up fused into one matmul each.
+# instead runs an unrolled loop over per-layer arrays, q|k|v and gate|up fused into one matmul each, every
+# weight stored `[out, in]` (see `project`).
 
 
 class DecodeWeight(nnx.Variable):
@@ -337,72 +330,139 @@ def merged_kernel(linear: Linear) -> jax.Array:
   return (kernel.astype(jnp.float32) + delta * linear.lora.scale).astype(kernel.dtype)
 
 
+# Up to this many rows `project` computes `weight @ xᵀ`, the rows as the product's last dimension: XLA:CPU's
+# kernels for that form ran a [3072, 576] weight 1.1× (1 row), 1.7× (8), 1.2× (32) faster than `x @ weightᵀ`,
+# level at 64 rows, slower above (0.8× at 512: a prompt's pass).
+FEW_ROWS = 32
+
+
+def project(x: jax.Array, weight: jax.Array) -> jax.Array:
+  """`x` `[..., in]` through a decoding weight `[out, in]` → `[..., out]`; for a decode step's few rows as
+  `weight @ xᵀ` (see `FEW_ROWS`; the tied output layer as `x @ embeddingᵀ` had even become a loop fusion
+  that transposed the embedding at every step)."""
+  rows = x.reshape(-1, x.shape[-1])
+  weight = weight.astype(x.dtype)
+  if len(rows) > FEW_ROWS:
+    return (rows @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
+  # The barrier keeps XLA from folding the transpose back into the product (as `rows @ weightᵀ`).
+  product = jax.lax.optimization_barrier(weight @ rows.T)
+  return product.T.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def step_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
+  """`layers.attention` for the decoding layout. One query per row (a decode step) is computed as products
+  and sums over the cache in its own layout, read once: `layers.attention` transposes the keys for its
+  matmuls, a copy of the layer's whole cache at every step. Longer queries (the prompt) go to it.
+
+  Args: as `layers.attention`, `mask` `[batch, 1, q_len, kv_len]`. Returns `[batch, q_len, heads * head_dim]`.
+  """
+  batch, q_len, heads, head_dim = query.shape
+  if q_len > 1:
+    return layers.attention(query, key, value, mask)
+  kv_heads = key.shape[2]
+  query = query.reshape(batch, 1, kv_heads, heads // kv_heads, head_dim).astype(jnp.float32)
+  logits = jnp.sum(query * key[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [batch, kv_len, kv_heads, group]
+  logits = jnp.where(mask.reshape(batch, -1, 1, 1), logits, -0.7 * jnp.finfo(jnp.float32).max)
+  # As `layers.attention`: the scale on the exponent's pass, normalised after the weighted sum.
+  weights = jnp.exp((logits - logits.max(axis=1, keepdims=True)) * head_dim**-0.5)
+  out = jnp.sum(weights[..., None] * value[:, :, :, None, :].astype(jnp.float32), axis=1) / weights.sum(axis=1)[..., None]
+  return out.astype(value.dtype).reshape(batch, 1, heads * head_dim)
+
+
 class FusedLayer(nnx.Module):
-  """One `DecoderLayer` in the decoding layout: arrays of its own, q|k|v `[embed, (heads + 2 kv_heads) *
-  head_dim]` and gate|up `[embed, 2 mlp]` fused, LoRA merged (no dropout: decoding never trains)."""
+  """One `DecoderLayer` in the decoding layout: arrays of its own, q|k|v `[(heads + 2 kv_heads) * head_dim,
+  embed]` and gate|up `[2 mlp, embed]` fused, LoRA merged (no dropout: decoding never trains)."""
 
   def __init__(self, layer: DecoderLayer):
     attn, mlp = layer.self_attn, layer.mlp
     self.config = attn.config
     self.input_layernorm = layer.input_layernorm
     self.post_attention_layernorm = layer.post_attention_layernorm
-    self.qkv = DecodeWeight(jnp.concatenate([merged_kernel(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)], axis=1))
-    self.o = DecodeWeight(merged_kernel(attn.o_proj))
-    self.gate_up = DecodeWeight(jnp.concatenate([merged_kernel(mlp.gate_proj), merged_kernel(mlp.up_proj)], axis=1))
-    self.down = DecodeWeight(merged_kernel(mlp.down_proj))
+    self.qkv = DecodeWeight(jnp.concatenate([merged_kernel(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)], axis=1).T)
+    self.o = DecodeWeight(merged_kernel(attn.o_proj).T)
+    self.gate_up = DecodeWeight(jnp.concatenate([merged_kernel(mlp.gate_proj), merged_kernel(mlp.up_proj)], axis=1).T)
+    self.down = DecodeWeight(merged_kernel(mlp.down_proj).T)
 
   def __call__(self, x, positions, mask, kv, index):
     """As `DecoderLayer.__call__` without dropout."""
     cfg = self.config
     dtype = cfg.dtype
     q_width, kv_width = cfg.num_heads * cfg.head_size, cfg.num_kv_heads * cfg.head_size
-    qkv = self.input_layernorm(x).astype(dtype) @ self.qkv[...].astype(dtype)
+    qkv = project(self.input_layernorm(x).astype(dtype), self.qkv[...])
     q, k, v = jnp.split(qkv, [q_width, q_width + kv_width], axis=-1)
-    attn, kv = rotary_attention(cfg, q, k, v, positions, mask, kv, index)
-    x = x + attn @ self.o[...].astype(dtype)
-    gate, up = jnp.split(self.post_attention_layernorm(x).astype(dtype) @ self.gate_up[...].astype(dtype), 2, axis=-1)
-    return x + (jax.nn.silu(gate) * up) @ self.down[...].astype(dtype), kv
+    attn, kv = rotary_attention(cfg, q, k, v, positions, mask, kv, index, step_attention)
+    x = x + project(attn, self.o[...])
+    gate, up = jnp.split(project(self.post_attention_layernorm(x).astype(dtype), self.gate_up[...]), 2, axis=-1)
+    return x + project(jax.nn.silu(gate) * up, self.down[...]), kv
 
 
-_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class DecodingLayout(nnx.Module):
+  """An LLM's weights for decoding: its layers as `FusedLayer`s and its output layer `[vocab, embed]` (the
+  untied `lm_head` transposed; None when tied, the embedding being that already)."""
+
+  def __init__(self, llm: Llama):
+    graphdef, state = nnx.split(llm.layers)
+    self.layers = nnx.List([
+      FusedLayer(nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))) for i in range(llm.config.num_layers)
+    ])
+    self.head = None if llm.config.tie_word_embeddings else DecodeWeight(llm.lm_head.kernel[...].T)
 
 
-def fused_layers(llm: Llama) -> nnx.List:
-  """`llm`'s layers as `FusedLayer`s (a second copy of their weights), built on first use and kept while its
-  layers' parameters are the very arrays they were built from. Training, `nnx.update` or a load replace
-  those arrays, so the next call rebuilds: the layout is never stale. (A model merged afresh from a train
-  state, as an evaluation during training makes, is a new model: it builds its own.)"""
-  sources = jax.tree.leaves(nnx.state(llm.layers, nnx.Param))
-  kept = _FUSED.get(llm)
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decoding_layout(llm: Llama) -> DecodingLayout:
+  """`llm`'s `DecodingLayout` (a second copy of its layer weights), built on first use and kept while its
+  parameters are the very arrays it was built from. Training, `nnx.update` or a load replace those arrays,
+  so the next call rebuilds: the layout is never stale. (A model merged afresh from a train state, as an
+  evaluation during training makes, is a new model: it builds its own.)"""
+  sources = jax.tree.leaves(nnx.state(llm, nnx.Param))
+  kept = _LAYOUTS.get(llm)
   if kept is not None and len(kept[0]) == len(sources) and all(ref() is x for ref, x in zip(kept[0], sources)):
     return kept[1]
-  graphdef, state = nnx.split(llm.layers)
-  fused = nnx.List([
-    FusedLayer(nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))) for i in range(llm.config.num_layers)
-  ])
-  _FUSED[llm] = ([weakref.ref(x) for x in sources], fused)
-  return fused
+  layout = DecodingLayout(llm)
+  _LAYOUTS[llm] = ([weakref.ref(x) for x in sources], layout)
+  return layout
 
 
 class Decoding(nnx.Module):
-  """A model in the engine's protocol that decodes through its LLM's `fused_layers`: the prefill is the
-  model's own (the scanned layers, audio and all), after which the cache is split into per-layer arrays
-  for the decode steps. Made by a model's `for_decoding()`; holds the model, so it is as fresh as it is."""
+  """A model in the engine's protocol that runs its LLM in the decoding layout (`decoding_layout`), the
+  prompt's pass included: the model gives the prompt's embeddings (`prompt_embeddings`: its audio tokens
+  and text), every layer writes its own `[batch, max_len, kv_heads, head_dim]` cache arrays, and only the
+  last position's logits are computed (all the engine reads). Made by a model's `for_decoding()`; holds
+  the model, so it is as fresh as it is."""
 
   def __init__(self, model: nnx.Module, llm: Llama):
-    self.model, self.llm, self.fused = model, llm, fused_layers(llm)
+    self.model, self.llm, self.layout = model, llm, decoding_layout(llm)
 
   def init_cache(self, batch: int, max_len: int) -> KVCache:
-    return self.model.init_cache(batch, max_len)
+    cache = self.model.init_cache(batch, max_len)
+    return cache.replace(key=list(cache.key), value=list(cache.value))
 
   def context_tokens(self, context) -> int:
     count = getattr(self.model, "context_tokens", None)
     return 0 if count is None else count(context)
 
   def prefill(self, context, input_ids, attention_mask, cache):
-    logits, cache, carry = self.model.prefill(context, input_ids, attention_mask, cache)
-    return logits, cache.replace(key=list(cache.key), value=list(cache.value)), carry
+    """Returns (float32 logits `[batch, 1, vocab]` of the prompt's last token, cache, None)."""
+    embeds, attention_mask = self.model.prompt_embeddings(context, input_ids, attention_mask)
+    return *self.last_logits(embeds, attention_mask, cache), None
 
   def decode_step(self, carry, input_ids, cache):
     del carry  # the LLM's decode steps need nothing from the prefill but the cache
-    return self.llm.decode_fused(self.fused, input_ids, cache)
+    return self.last_logits(self.llm.embed_tokens(input_ids), jnp.ones_like(input_ids), cache)
+
+  def last_logits(self, embeds: jax.Array, attention_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """`Llama.hidden` then `Llama.logits` in the decoding layout, for the last position only: embeddings
+    `[batch, len, embed]` and their mask `[batch, len]` → (float32 logits `[batch, 1, vocab]`, the cache
+    with all `len` positions appended)."""
+    llm, cfg = self.llm, self.llm.config
+    positions = continued_positions(attention_mask, cache)
+    cache, mask, index = attention_inputs(attention_mask, cache)
+    keys, values = list(cache.key), list(cache.value)
+    x = embeds.astype(cfg.dtype)
+    for i, layer in enumerate(self.layout.layers):
+      x, (keys[i], values[i]) = layer(x, positions, mask, (keys[i], values[i]), index)
+    head = llm.embed_tokens.embedding if self.layout.head is None else self.layout.head
+    logits = project(llm.norm(x[:, -1:]).astype(cfg.dtype), head[...]).astype(jnp.float32)
+    return logits, cache.replace(key=keys, value=values)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from ltu_jax.models import layers
 from ltu_jax.models.layers import KVCache
-from ltu_jax.models.llama import Decoding, Llama, LlamaConfig
+from ltu_jax.models.llama import Decoding, Llama, LlamaConfig, continued_positions
 from ltu_jax.models.tltr import TLTR, TLTRConfig
 
 
@@ -88,21 +88,22 @@ class AudioPrefixLlm(nnx.Module):
     """
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    embeds, mask = self.prompt_embeddings((features, audio_mask), input_ids, attention_mask)
+    hidden, cache = self.llm.hidden(embeds, mask, continued_positions(mask, cache), cache, dropout_key)
+    return self.llm.logits(hidden[:, embeds.shape[1] - input_ids.shape[1]:]), cache
+
+  def prompt_embeddings(self, audio, input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The LLM's input: (the audio tokens then the text's embeddings `[batch, audio tokens + len, embed]`, their
+    mask `[batch, audio tokens + len]`). `audio`: features, `(features, audio_mask)` or None (text only)."""
+    features, audio_mask = audio if isinstance(audio, tuple) else (audio, None)
     embeds = self.llm.embed_tokens(input_ids)
-    mask = attention_mask
-    num_audio = 0
-    if features is not None:
-      audio = self.audio_embeddings(features).astype(embeds.dtype)
-      num_audio = audio.shape[1]
-      embeds = jnp.concatenate([audio, embeds], axis=1)
-      token_mask = jnp.ones(audio.shape[:2], attention_mask.dtype)
-      if audio_mask is not None:
-        token_mask = self.audio_token_mask(audio_mask).astype(attention_mask.dtype)
-      mask = jnp.concatenate([token_mask, attention_mask], axis=1)
-    past = 0 if cache is None else jnp.sum(cache.valid, axis=-1, keepdims=True)
-    positions = past + layers.sequence_positions(mask)
-    hidden, cache = self.llm.hidden(embeds, mask, positions, cache, dropout_key)
-    return self.llm.logits(hidden[:, num_audio:]), cache
+    if features is None:
+      return embeds, attention_mask
+    audio = self.audio_embeddings(features).astype(embeds.dtype)
+    token_mask = jnp.ones(audio.shape[:2], attention_mask.dtype)
+    if audio_mask is not None:
+      token_mask = self.audio_token_mask(audio_mask).astype(attention_mask.dtype)
+    return jnp.concatenate([audio, embeds], axis=1), jnp.concatenate([token_mask, attention_mask], axis=1)
 
   # The decoding engine's protocol (`ltu_jax.generate`): the audio goes in with the prompt, then text only.
   def init_cache(self, batch: int, max_len: int) -> KVCache:
@@ -126,6 +127,11 @@ class AudioPrefixLlm(nnx.Module):
   def decode_step(self, context, input_ids, cache):
     del context
     return self(None, input_ids, jnp.ones_like(input_ids), cache)
+
+  def for_decoding(self) -> Decoding:
+    """This model with its LLM in the decoding layout: the audio tokens and the prompt, then each step, run
+    through it."""
+    return Decoding(self, self.llm)
 
 
 class LtuAs(AudioPrefixLlm):
