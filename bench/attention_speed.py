@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -64,7 +65,7 @@ def main() -> None:
   args = parser.parse_args()
   shapes = [(p, h) for p in args.positions for h in args.heads]
   if args.worker:
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.pin])  # before either framework's thread pool
+    timing.pin_cores(args.pin)  # before either framework's thread pool
     worker = jax_worker if args.worker == "jax" else torch_worker
     print(json.dumps(worker(shapes, args.repeats)))
     return
@@ -84,14 +85,14 @@ def main() -> None:
     flops = 4 * positions**2 * heads * HEAD_DIM
     for cores in args.cores:
       ours, sdpa = runs["jax", cores][name], runs["torch", cores][name]
-      med_ours, med_sdpa = (sorted(t)[len(t) // 2] for t in (ours, sdpa))
+      med_ours, med_sdpa = statistics.median(ours), statistics.median(sdpa)
       print(f"{positions:9d} {heads:5d} {cores:5d} {timing.spread([1e3 * t for t in ours]):>18s} {timing.spread([1e3 * t for t in sdpa]):>18s}"
             f" {med_sdpa / med_ours:9.2f} {flops / med_ours * 1e-9:12.0f} {flops / med_sdpa * 1e-9:12.0f}")
   if len(args.cores) > 1:
     low, high = min(args.cores), max(args.cores)
     for positions, heads in shapes:
       name = f"{positions} {heads}"
-      gain = {fw: sorted(runs[fw, low][name])[args.repeats // 2] / sorted(runs[fw, high][name])[args.repeats // 2] for fw in ("jax", "torch")}
+      gain = {fw: statistics.median(runs[fw, low][name]) / statistics.median(runs[fw, high][name]) for fw in ("jax", "torch")}
       print(f"{positions} positions, {heads} heads: {high} cores over {low}: ours {gain['jax']:.2f}×, SDPA {gain['torch']:.2f}×")
 
 

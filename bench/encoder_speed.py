@@ -146,7 +146,7 @@ def main() -> None:
   args = parser.parse_args()
   if args.worker:
     if args.cores:  # before either framework starts its thread pools
-      os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
+      timing.pin_cores(args.cores)
     worker = jax_worker if args.worker == "jax" else torch_worker
     print(json.dumps(worker(args.sizes, args.seconds, args.repeats)))
     return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -23,3 +24,9 @@ def timed(fn: Callable[[], Any], repeats: int, warm_up: bool = False) -> list[fl
 def spread(values: Sequence[float], digits: int = 3) -> str:
   """"median (min–max)" of `values`."""
   return f"{statistics.median(values):.{digits}g} ({min(values):.{digits}g}–{max(values):.{digits}g})"
+
+
+def pin_cores(count: int) -> None:
+  """Pins this process to its first `count` allowed cores; call it before a framework starts its thread pool,
+  which it sizes to them (a bench worker's `--cores`)."""
+  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:count])

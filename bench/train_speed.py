@@ -117,9 +117,10 @@ def step_flops(config: LtuAsConfig, rows: int, text_len: int) -> float:
   return 2 * rows * per_row
 
 
-def batch_layout(c, data_parallel: int) -> tuple[int, int]:
-  """(accumulation steps, rows a micro-batch) of a step of `c` on `data_parallel` devices, as `Trainer` splits it."""
-  micro = c.optim.micro_batch_size * data_parallel
+def batch_layout(c, devices: int) -> tuple[int, int]:
+  """(accumulation steps, rows a micro-batch) of a step of `c` on `devices` devices, as `Trainer` splits it:
+  micro-batches over the data-parallel ones (all but the tensor axis)."""
+  micro = c.optim.micro_batch_size * (devices // c.mesh.tensor)
   return c.optim.batch_size // micro, micro
 
 
@@ -211,13 +212,13 @@ def child(framework: str, args: argparse.Namespace) -> None:
   if framework == "jax":
     import jax
 
-    data_parallel = len(jax.devices())
-    version = f"jax {jax.__version__} on {data_parallel} {jax.devices()[0].platform} device(s)"
+    devices = len(jax.devices())
+    version = f"jax {jax.__version__} on {devices} {jax.devices()[0].platform} device(s)"
     measured = bounds.jax_bounds(args.steps)
   else:
     import torch
 
-    data_parallel = 1  # one process, one device: the same rows in micro-batches of the config's size
+    devices = 1  # one process, one device: the same rows in micro-batches of the config's size
     torch.set_num_threads(os.cpu_count())
     # XLA's CPU runtime flushes denormals to zero; PyTorch does not by default, and the backward pass through
     # a deep random-weight LLM makes enough of them to slow it about 10×. Both are measured flushing.
@@ -229,7 +230,7 @@ def child(framework: str, args: argparse.Namespace) -> None:
   for name in args.configs:
     c = train.load_config(name, args.set)
     model_config = for_training(config, c)
-    accum, micro = batch_layout(c, data_parallel if framework == "jax" else 1)
+    accum, micro = batch_layout(c, devices)
     batch = random_batch(model_config, accum, micro, args.text)
     row = {"batch": f"{accum}×{micro}", "rows": accum * micro, "flops": step_flops(model_config, accum * micro, args.text)}
     if framework == "jax":
